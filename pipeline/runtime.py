@@ -1,0 +1,59 @@
+"""Backend facts: which device MLX runs on, which dtype to compute in, and a fast BLAS on Linux."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Debian's OpenBLAS: the mlx-cpu wheel bundles the reference BLAS (~7 GFLOP/s vs ~215).
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+
+
+def ensure_fast_blas(argv: list[str] | None = None) -> None:
+    """Re-exec the current command with OpenBLAS preloaded when MLX would use the slow BLAS.
+
+    LD_PRELOAD only works at process start, so this must run before mlx is imported.
+    Set MLX_PIPELINE_NO_REEXEC=1 to opt out.
+    """
+    if (
+        sys.platform != "linux"
+        or not OPENBLAS.exists()
+        or "libopenblas" in os.environ.get("LD_PRELOAD", "")
+        or os.environ.get("MLX_PIPELINE_NO_REEXEC")
+        or "mlx.core" in sys.modules
+    ):
+        return
+    env = dict(os.environ, MLX_PIPELINE_NO_REEXEC="1")
+    env["LD_PRELOAD"] = ":".join(p for p in (str(OPENBLAS), os.environ.get("LD_PRELOAD", "")) if p)
+    argv = argv if argv is not None else sys.argv
+    os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+def is_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
+
+
+def backend_name() -> str:
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def compute_dtype(choice: str = "auto"):
+    """float32 on the CPU backend (bf16 quantized matmul is inaccurate and slow there), bf16 elsewhere."""
+    import mlx.core as mx
+
+    if choice == "auto":
+        return mx.float32 if is_cpu() else mx.bfloat16
+    return getattr(mx, choice)
+
+
+def peak_memory_gb() -> float:
+    import mlx.core as mx
+
+    return mx.get_peak_memory() / 1e9
