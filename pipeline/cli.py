@@ -1,0 +1,171 @@
+"""`mlx-pipeline`: one click command per phase. Commands only parse and call the phase function.
+
+Options are generated from the config declarations in pipeline/config.py and default to None,
+so an option not given never shadows the YAML or the environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .config import KEYS, _type_name, load_config
+from .errors import PipelineError
+
+# command -> (module:function, config sections shown, config keys exposed as flags, summary)
+COMMON = ["run", "output_dir", "seed", "test_mode"]
+COMMANDS = {
+    "data": (
+        "pipeline.phases.p01_prepare_data:prepare_data",
+        ["data"],
+        ["data.source", "data.sample_rows", "data.valid_fraction", "data.test_fraction",
+         "data.max_seq_length", "data.overlong"],
+        "01 Validate, deduplicate and split JSONL data; token statistics.",
+    ),
+    "base": (
+        "pipeline.phases.p02_fetch_base_model:fetch_base_model",
+        ["model"],
+        ["model.source", "model.revision", "model.dtype"],
+        "02 Fetch the base model (Hub, local folder, GGUF import, embedded default).",
+    ),
+    "quantize": (
+        "pipeline.phases.p03_quantize_base_model:quantize_base_model",
+        ["quantize"],
+        ["quantize.bits", "quantize.group_size"],
+        "03 Quantize the base with MLX affine quantization (for QLoRA).",
+    ),
+    "train": (
+        "pipeline.phases.p04_train_lora:train_lora",
+        ["quantize", "train", "data"],
+        ["quantize.enabled", "train.fine_tune_type", "train.rank", "train.alpha", "train.dropout",
+         "train.targets", "train.num_layers", "train.iters", "train.batch_size", "train.learning_rate",
+         "train.mask_prompt", "train.steps_per_report", "train.steps_per_eval", "train.val_batches",
+         "train.save_every", "train.grad_checkpoint", "train.compute_dtype"],
+        "04 Train a LoRA / DoRA adapter or fully fine-tune, on the quantized (QLoRA) or full base.",
+    ),
+    "eval": (
+        "pipeline.phases.p05_evaluate:evaluate",
+        ["eval"],
+        ["quantize.enabled", "eval.max_samples", "eval.max_tokens", "eval.show_samples"],
+        "05 Base vs base + adapter: test loss, perplexity, task metric, sample answers.",
+    ),
+    "generate": (
+        "pipeline.phases.p06_generate:generate",
+        ["generate"],
+        ["quantize.enabled", "generate.max_tokens", "generate.temperature"],
+        "06 Chat with (or complete a prompt on) the base model plus the trained adapter.",
+    ),
+}
+
+# Flags that would be ambiguous as the bare key name.
+FLAG_NAMES = {
+    "data.source": "--data",
+    "model.source": "--model",
+    "model.revision": "--revision",
+    "model.dtype": "--dtype",
+    "quantize.enabled": "--quantized",
+    "eval.max_tokens": "--max-tokens",
+    "generate.max_tokens": "--max-tokens",
+}
+
+
+def _option(key: str):
+    f = KEYS[key]
+    meta, kind = f.metadata, _type_name(f)
+    flag = FLAG_NAMES.get(key, "--" + key.split(".")[-1].replace("_", "-"))
+    default = f.default if f.default_factory is None or not callable(f.default_factory) else f.default_factory()
+    extra = []
+    if meta["env"]:
+        extra.append(f"env {meta['env']}")
+    extra.append(f"YAML {key}")
+    extra.append(f"default {default!r}")
+    help_text = f"{meta['help']} [{'; '.join(extra)}]"
+    dest = key.replace(".", "__")
+    if kind == "bool":
+        return click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, help=help_text)
+    if kind == "list":
+        help_text += " Comma-separated."
+    click_type = {"int": int, "float": float}.get(kind, str)
+    if meta["choices"] is not None:
+        click_type = click.Choice([str(c) for c in meta["choices"]])
+    return click.option(flag, dest, type=click_type, default=None, help=help_text)
+
+
+def _call(target: str, cfg, **kwargs):
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)(cfg, **kwargs)
+
+
+def make_command(name: str, extra_options=(), call_kwargs=lambda kw: {}):
+    target, _sections, keys, summary = COMMANDS[name]
+
+    def command(config, **kw):
+        cli = {k.replace("__", "."): v for k, v in kw.items() if k.replace("__", ".") in KEYS}
+        extra = {k: v for k, v in kw.items() if k.replace("__", ".") not in KEYS}
+        try:
+            cfg = load_config(config, cli)
+            result = _call(target, cfg, **call_kwargs(extra))
+        except PipelineError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        return result
+
+    command.__doc__ = summary
+    command = click.option("--config", "-c", type=click.Path(dir_okay=False), default=None,
+                           help="Experiment YAML (see configs/). Flags > environment > YAML > defaults.")(command)
+    for key in reversed(COMMON + keys):
+        command = _option(key)(command)
+    for opt_decorator in extra_options:
+        command = opt_decorator(command)
+    return click.command(name, help=summary)(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="mlx-pipeline")
+def main():
+    """Fine-tune an open LLM with MLX and ship it.
+
+    Phases run in order; each writes models/<run>/<output>/manifest.json, which the next reads:
+
+    \b
+      data -> base -> quantize -> train -> eval / generate
+    """
+
+
+main.add_command(make_command("data"))
+main.add_command(make_command("base"))
+main.add_command(make_command("quantize"))
+main.add_command(make_command("train", [
+    click.option("--resume", "resume", is_flag=True, default=False,
+                 help="Start from the newest adapter checkpoint of this run (weights only)."),
+], lambda kw: {"resume": kw["resume"]}))
+main.add_command(make_command("eval", [
+    click.option("--skip-base", is_flag=True, default=False, help="Score only base + adapter."),
+], lambda kw: {"skip_base": kw["skip_base"]}))
+main.add_command(make_command("generate", [
+    click.option("--prompt", "-p", default=None, help="One prompt to answer; omit for an interactive chat."),
+    click.option("--no-adapter", is_flag=True, default=False, help="Use the base model alone."),
+    click.option("--raw", is_flag=True, default=False, help="Complete the prompt as plain text, no chat template."),
+], lambda kw: {"prompt": kw["prompt"], "use_adapter": not kw["no_adapter"], "raw": kw["raw"]}))
+
+
+def entry():
+    """Console script `mlx-pipeline`."""
+    from .runtime import ensure_fast_blas
+
+    ensure_fast_blas()
+    main()
+
+
+def run_script(name: str):
+    """Entry point for scripts/phaseN-*/NN_*.py: the same command as `mlx-pipeline NAME`."""
+    from .runtime import ensure_fast_blas
+
+    ensure_fast_blas()
+    main([name, *sys.argv[1:]], prog_name=sys.argv[0])
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,1 @@
+"""One module per phase, numbered like the scripts; each exposes one plain function."""
