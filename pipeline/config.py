@@ -40,8 +40,7 @@ class ModelConfig:
     )
     dtype: str = opt(
         "auto",
-        "Weight dtype of the imported base: auto (float32 for GGUF imports, the checkpoint's "
-        "own dtype otherwise), float32, bfloat16 or float16.",
+        "Weight dtype of a GGUF import (auto = bfloat16). Hub and local folders keep their own dtype.",
         choices=["auto", "float32", "bfloat16", "float16"],
     )
 

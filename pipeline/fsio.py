@@ -24,15 +24,21 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
     _remove(tmp)
     try:
         yield tmp
-        if final.is_dir() and tmp.is_dir():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
+        if tmp.is_dir():
+            replace_dir(tmp, final)
         else:
             os.replace(tmp, final)
     finally:
         _remove(tmp)
+
+
+def replace_dir(src: Path, final: Path) -> None:
+    """Move a finished folder to its final name, replacing the previous one only at the end."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(src, final)
+    _remove(old)
 
 
 def _remove(p: Path):

@@ -20,6 +20,8 @@ _MODULES = ["llama", "granite", "granitemoehybrid"]
 @dataclass(frozen=True)
 class Arch:
     model_type: str
+    # The name llama.cpp uses in a GGUF's general.architecture.
+    gguf_arch: str
     # LoRA presets -> module names relative to one decoder layer (mlx-lm's `keys`).
     presets: dict[str, list[str]]
     # Rewrites a config dict in place into the form mlx-lm (and the Hub checkpoints) use.
@@ -29,6 +31,14 @@ class Arch:
 
 def supported() -> list[str]:
     return list(_MODULES)
+
+
+def from_gguf_arch(name: str) -> Arch:
+    for m in _MODULES:
+        if get(m).gguf_arch == name:
+            return get(m)
+    known = ", ".join(get(m).gguf_arch for m in _MODULES)
+    raise PipelineError(f"GGUF architecture '{name}' is not supported. Supported: {known}.")
 
 
 def get(model_type: str) -> Arch:

@@ -6,6 +6,7 @@ from .llama import ATTENTION, MLP
 
 ARCH = Arch(
     model_type="granite",
+    gguf_arch="granite",
     presets={"attention": ATTENTION, "mlp": MLP},
     normalise=flatten_rope_parameters,
 )

@@ -19,6 +19,7 @@ def normalise(cfg: dict) -> list[str]:
 
 ARCH = Arch(
     model_type="granitemoehybrid",
+    gguf_arch="granitehybrid",
     presets={
         "attention": ATTENTION + ["mamba.in_proj", "mamba.out_proj"],
         # Dense checkpoints' shared_mlp is loaded by mlx-lm as mlp.gate/up/down_proj.

@@ -7,6 +7,7 @@ MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 ARCH = Arch(
     model_type="llama",
+    gguf_arch="llama",
     presets={"attention": ATTENTION, "mlp": MLP},
     normalise=flatten_rope_parameters,
 )

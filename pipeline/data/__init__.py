@@ -1,0 +1,1 @@
+"""Training data: JSONL row formats and validation, and the bundled sample task."""

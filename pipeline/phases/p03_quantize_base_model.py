@@ -1,0 +1,74 @@
+"""03 Quantize the base with MLX affine quantization (mlx-lm's convert): the QLoRA training base.
+
+Each group of `group_size` weights along a row stores `bits`-bit integers plus one scale and
+one bias: w = scale * q + bias. Bits per weight = bits + 2 * 16 / group_size for 16-bit scales.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
+from ..manifest import read_manifest, write_manifest
+from ..paths import RunPaths
+from .common import done, start_phase
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    size_before: int
+    size_after: int
+    bits_per_weight: float
+
+
+def quantize_base_model(cfg) -> QuantizeResult:
+    from mlx_lm.convert import convert
+
+    started = start_phase(cfg, "03 quantize base model", ["quantize"])
+    paths = RunPaths(cfg)
+    base_manifest = read_manifest(paths.base, "base")
+    out = paths.quantized
+    q = cfg.quantize
+    with atomic_path(out) as tmp:
+        # convert() refuses an existing folder, so it writes a fresh one inside our temporary.
+        target = tmp / "model"
+        convert(str(paths.base), str(target), quantize=True, q_group_size=q.group_size, q_bits=q.bits)
+        for f in target.iterdir():
+            f.rename(tmp / f.name)
+        target.rmdir()
+        bpw = _bits_per_weight(tmp)
+        size_before = dir_size(paths.base, "*.safetensors")
+        size_after = dir_size(tmp, "*.safetensors")
+        write_manifest(
+            tmp, "03_quantize_base_model", cfg, started,
+            inputs={"base": str(paths.base), "base_content_hash": base_manifest["outputs"]["content_hash"]},
+            outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "size_bytes": size_after},
+            quantization={"bits": q.bits, "group_size": q.group_size, "mode": "affine"},
+            report={"size_before": size_before, "size_after": size_after, "bits_per_weight": bpw},
+        )
+    click.echo(
+        f"size: {human_size(size_before)} -> {human_size(size_after)} "
+        f"({size_after / max(size_before, 1):.1%}); {bpw:.2f} bits per weight "
+        f"({q.bits}-bit values + a 16-bit scale and bias per {q.group_size} weights; "
+        "norms and layers whose rows don't divide into groups stay unquantized)"
+    )
+    done(f"quantized base ready: {out}")
+    return QuantizeResult(out, size_before, size_after, bpw)
+
+
+def _bits_per_weight(model_dir: Path) -> float:
+    from mlx_lm.utils import compute_bits_per_weight, load_model
+
+    model, _ = load_model(model_dir, lazy=True)
+    return round(float(compute_bits_per_weight(model)), 3)
+
+
+def quantization_of(model_dir: Path) -> dict | None:
+    """The quantization block of an MLX model's config.json, or None for a dense model."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg.get("quantization")
