@@ -1,0 +1,264 @@
+"""Phase 01: validate, deduplicate and split the training data; token statistics.
+
+Input (`data.source`): 'sample' (the bundled task), one .jsonl file split by seed, or a folder with
+train.jsonl, valid.jsonl[, test.jsonl]. Every row is checked before anything is written, so bad
+data fails here with file:line reasons instead of mid-training. Output: <run>/data/{train,valid,
+test}.jsonl in the format mlx-lm reads, and manifest.json (written last: it marks completion).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from ..data.formats import read_rows, to_messages
+from ..data.sample_task import NAME as SAMPLE_NAME
+from ..data.sample_task import generate_rows
+from ..errors import DataError
+from ..fsio import sha256_file, write_jsonl
+from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..paths import RunPaths
+from .common import done, start_phase
+
+SPLITS = ("train", "valid", "test")
+MAX_ERRORS = 20
+MIN_TRAIN = 4
+ACCEPTED = "Accepted: 'sample', a .jsonl file, or a folder with train.jsonl, valid.jsonl[, test.jsonl]."
+
+Item = tuple[str, dict]  # (where it came from: 'file:line' or 'sample row N', the row)
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    counts: dict[str, int]
+    stats: dict[str, dict]
+    format: str = "chat"
+    removed: dict = field(default_factory=dict)
+
+
+def _fail(errors: list[str], what: str, hint: str = ""):
+    lines = errors[:MAX_ERRORS]
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_ERRORS} more")
+    raise DataError(f"{len(errors)} {what}; nothing was written.{hint}\n  " + "\n  ".join(lines))
+
+
+def _split(items: list[Item], cfg) -> dict[str, list[Item]]:
+    """Shuffle by seed and cut valid and test off the front (at least 1 row each when asked for)."""
+    items = list(items)
+    random.Random(cfg.seed).shuffle(items)
+    n = len(items)
+
+    def size(fraction):
+        k = round(n * fraction)
+        return max(k, 1) if fraction > 0 and n >= 3 else k
+
+    n_valid, n_test = size(cfg.data.valid_fraction), size(cfg.data.test_fraction)
+    return {
+        "valid": items[:n_valid],
+        "test": items[n_valid:n_valid + n_test],
+        "train": items[n_valid + n_test:],
+    }
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+
+
+def _dedupe(items: list[Item]) -> tuple[list[Item], int]:
+    """Drop exact duplicate rows (same canonical JSON); return (kept, dropped)."""
+    seen, kept = set(), []
+    for where, row in items:
+        if (k := _key(row)) not in seen:
+            seen.add(k)
+            kept.append((where, row))
+    return kept, len(items) - len(kept)
+
+
+def _deduplicate(splits: dict[str, list[Item]], duplicates: dict) -> dict:
+    """Dedupe each split in place (counts into `duplicates`), then drop valid/test rows found in
+    train, which would flatter the validation loss; return those counts per split."""
+    in_train = {}
+    for s in SPLITS:
+        splits[s], n = _dedupe(splits[s])
+        if n:
+            duplicates[s] = n
+    train_keys = {_key(r) for _, r in splits["train"]}
+    for s in ("valid", "test"):
+        kept = [(w, r) for w, r in splits[s] if _key(r) not in train_keys]
+        if len(kept) < len(splits[s]):
+            in_train[s] = len(splits[s]) - len(kept)
+        splits[s] = kept
+    return in_train
+
+
+def load_input(cfg) -> tuple[dict[str, list[Item]], str, dict, dict]:
+    """(split -> rows, format, manifest inputs, duplicates removed per split or 'input')."""
+    source = cfg.data.source
+    if source == "sample":
+        rows = generate_rows(cfg.data.sample_rows, cfg.seed)
+        items = [(f"sample row {i + 1}", r) for i, r in enumerate(rows)]
+        return _split(items, cfg), "chat", {"sample": SAMPLE_NAME, "rows": len(rows), "seed": cfg.seed}, {}
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        files = {"input": path}
+    elif path.is_dir():
+        missing = [f"{s}.jsonl" for s in ("train", "valid") if not (path / f"{s}.jsonl").is_file()]
+        if missing:
+            raise DataError(f"data.source = '{source}': the folder has no {' or '.join(missing)}. {ACCEPTED}")
+        files = {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").is_file()}
+    else:
+        problem = "not found" if not path.exists() else "not a .jsonl file or a folder"
+        raise DataError(f"data.source = '{source}': {problem}. {ACCEPTED}")
+
+    read, errors, fmt, first = {}, [], None, None
+    for key, f in files.items():
+        rows, errs, file_fmt = read_rows(f)
+        errors += errs
+        if fmt and file_fmt and file_fmt != fmt:
+            errors.append(f"{f}: format '{file_fmt}' differs from {first}'s format '{fmt}'")
+        fmt, first = fmt or file_fmt, first or f.name
+        read[key] = [(f"{f}:{lineno}", row) for lineno, row in rows]
+    if errors:
+        _fail(errors, "error(s) in the input data")
+    if fmt is None:
+        raise DataError(f"data.source = '{source}': no rows found (only blank lines).")
+    inputs = {k: {"path": str(f), "sha256": sha256_file(f)} for k, f in files.items()}
+
+    if "input" in read:
+        # Dedupe before splitting, so the same row never lands in train and test.
+        items, dropped = _dedupe(read["input"])
+        return _split(items, cfg), fmt, inputs, {"input": dropped} if dropped else {}
+    return {s: read.get(s, []) for s in SPLITS}, fmt, inputs, {}
+
+
+def load_tokenizer(cfg):
+    base = RunPaths(cfg).base
+    read_manifest(base, "base")  # fails naming `make base` when the base model is not there yet
+    from transformers import AutoTokenizer  # slow import; keeps `--help` fast
+
+    return AutoTokenizer.from_pretrained(str(base))
+
+
+def token_length(tokenizer, row: dict, fmt: str) -> int:
+    """Tokens mlx-lm will train on for this row: the chat template for chat/completions rows."""
+    if fmt == "text":
+        return len(tokenizer.encode(row["text"]))
+    ids = tokenizer.apply_chat_template(to_messages(row), tools=row.get("tools"), tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+def split_stats(lengths: list[int]) -> dict:
+    if not lengths:
+        return {"rows": 0, "tokens": 0, "mean": 0.0, "p95": 0, "max": 0}
+    s = sorted(lengths)
+    return {
+        "rows": len(s),
+        "tokens": sum(s),
+        "mean": round(sum(s) / len(s), 1),
+        "p95": s[max(0, math.ceil(0.95 * len(s)) - 1)],  # nearest rank
+        "max": s[-1],
+    }
+
+
+def _handle_overlong(splits, lengths, tokenizer, cfg, fmt) -> tuple[dict, dict]:
+    """Apply data.overlong in place; return (dropped, truncated) counts per split."""
+    limit, policy = cfg.data.max_seq_length, cfg.data.overlong
+    over = {s: [i for i, n in enumerate(lengths[s]) if n > limit] for s in SPLITS}
+    if policy == "error" and any(over.values()):
+        errors = [f"{splits[s][i][0]}: {lengths[s][i]} tokens > max_seq_length {limit}" for s in SPLITS for i in over[s]]
+        _fail(errors, "row(s) longer than data.max_seq_length",
+              " Raise data.max_seq_length or set data.overlong to drop or truncate.")
+    dropped, truncated = {}, {}
+    for s in SPLITS:
+        if policy == "drop":
+            keep = [i for i in range(len(splits[s])) if lengths[s][i] <= limit]
+            splits[s] = [splits[s][i] for i in keep]
+            lengths[s] = [lengths[s][i] for i in keep]
+            dropped[s] = len(over[s])
+        elif policy == "truncate":
+            truncated[s] = len(over[s])
+            if fmt == "text":  # chat rows are truncated by mlx-lm at training time; text we cut here
+                for i in over[s]:
+                    where, row = splits[s][i]
+                    ids = tokenizer.encode(row["text"])[:limit]
+                    row = {**row, "text": tokenizer.decode(ids)}
+                    splits[s][i] = (where, row)
+                    lengths[s][i] = token_length(tokenizer, row, fmt)
+    return dropped, truncated
+
+
+def prepare_data(cfg) -> PrepareResult:
+    started = start_phase(cfg, "01 prepare data", ["data"])
+    out_dir = RunPaths(cfg).data
+
+    splits, fmt, inputs, duplicates = load_input(cfg)
+    in_train = _deduplicate(splits, duplicates)
+
+    tokenizer = load_tokenizer(cfg)
+    lengths = {s: [token_length(tokenizer, r, fmt) for _, r in splits[s]] for s in SPLITS}
+    dropped, truncated = _handle_overlong(splits, lengths, tokenizer, cfg, fmt)
+
+    if len(splits["train"]) < MIN_TRAIN or not splits["valid"]:
+        raise DataError(
+            f"After removing duplicates and overlong rows, train has {len(splits['train'])} rows "
+            f"(need at least {MIN_TRAIN}) and valid has {len(splits['valid'])} (need at least 1); "
+            "nothing was written. Add rows, or raise data.valid_fraction / data.max_seq_length."
+        )
+
+    stats = {s: split_stats(lengths[s]) for s in SPLITS}
+    removed = {"duplicates": duplicates, "in_train": in_train, "overlong": {k: v for k, v in dropped.items() if v}}
+    outputs = _write(out_dir, splits)
+    write_manifest(
+        out_dir, "01_prepare_data", cfg, started, inputs=inputs, outputs=outputs, stats=stats, format=fmt,
+        removed=removed,
+        overlong={"policy": cfg.data.overlong, "max_seq_length": cfg.data.max_seq_length,
+                  "truncated": {k: v for k, v in truncated.items() if v}},
+    )
+    _summary(out_dir, fmt, stats, removed, truncated, cfg)
+    return PrepareResult(out_dir, {s: len(splits[s]) for s in SPLITS}, stats, fmt, removed)
+
+
+def _write(out_dir: Path, splits: dict[str, list[Item]]) -> dict:
+    # An old manifest would vouch for half-rewritten files if we crash below: remove it first.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    outputs = {}
+    for s in SPLITS:
+        path = out_dir / f"{s}.jsonl"
+        if not splits[s]:
+            # mlx-lm fails on an empty .jsonl (it reads the format from row 0): leave it out.
+            path.unlink(missing_ok=True)
+            outputs[s] = {"path": None, "rows": 0, "sha256": None}
+            continue
+        write_jsonl(path, [r for _, r in splits[s]])
+        outputs[s] = {"path": str(path), "rows": len(splits[s]), "sha256": sha256_file(path)}
+    return outputs
+
+
+def _summary(out_dir, fmt, stats, removed, truncated, cfg):
+    click.echo(f"\nformat: {fmt}; tokens per row counted with the base model's chat template")
+    click.echo(f"{'split':<7}{'rows':>7}{'tokens':>10}{'mean':>8}{'p95':>7}{'max':>7}")
+    for s in SPLITS:
+        st = stats[s]
+        click.echo(f"{s:<7}{st['rows']:>7}{st['tokens']:>10}{st['mean']:>8}{st['p95']:>7}{st['max']:>7}")
+
+    def fmt_counts(d):
+        return ", ".join(f"{k} {v}" for k, v in d.items()) if d else "none"
+
+    click.echo(f"duplicates removed: {fmt_counts(removed['duplicates'])}; "
+               f"valid/test rows also in train removed: {fmt_counts(removed['in_train'])}")
+    limit = f"> {cfg.data.max_seq_length} tokens"
+    if cfg.data.overlong == "truncate":
+        click.echo(f"overlong rows ({limit}) kept for truncation: {fmt_counts({k: v for k, v in truncated.items() if v})}")
+    else:
+        click.echo(f"overlong rows ({limit}) dropped: {fmt_counts(removed['overlong'])}")
+    done(f"wrote {out_dir}")
