@@ -212,7 +212,7 @@ def coerce(key: str, value: Any, origin: str):
         else:
             value = str(value)
     except ValueError:
-        raise ConfigError(f"{where}: expected a {kind}.") from None
+        raise ConfigError(f"{where}: expected {'an' if kind == 'int' else 'a'} {kind}.") from None
     if meta["choices"] is not None and value not in meta["choices"]:
         allowed = ", ".join(str(c) for c in meta["choices"])
         raise ConfigError(f"{where}: not allowed; choose one of: {allowed}.")
@@ -224,8 +224,11 @@ def coerce(key: str, value: Any, origin: str):
 
 
 def _use_lora(value: str, current: str) -> str:
-    on = coerce("train.mask_prompt", value, "environment USE_LORA")  # any bool key parses it
-    if not on:
+    low = value.strip().lower()
+    if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"USE_LORA = {value!r} (environment): expected a bool (1/0, true/false); "
+                          "0 selects full fine-tuning (train.fine_tune_type = full).")
+    if low in ("0", "false", "no", "off"):
         return "full"
     return current if current in ("lora", "dora") else "lora"
 

