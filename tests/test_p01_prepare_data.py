@@ -19,15 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def _smollm2_tokenizer_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from pipeline.embedded import embedded_gguf
-
-    p = embedded_gguf()
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tok.save_pretrained(out)
+def _smollm2_tokenizer_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    """The SmolLM2 tokenizer as a finished base-model folder (with the base phase's manifest)."""
+    out = tmp_path_factory.mktemp("smollm2-base") / "base"
+    shutil.copytree(smollm2_tokenizer_dir, out)
     write_manifest(out, "02_fetch_base_model", {}, time.time(), {}, {})
     return out
 
