@@ -57,6 +57,30 @@ COMMANDS = {
         ["quantize.enabled", "generate.max_tokens", "generate.temperature"],
         "06 Chat with (or complete a prompt on) the base model plus the trained adapter.",
     ),
+    "fuse": (
+        "pipeline.phases.p07_fuse_lora:fuse",
+        ["fuse"],
+        ["quantize.enabled", "fuse.dequantize", "fuse.dtype"],
+        "07 Fuse the adapter into the base: --no-dequantize (default) keeps it quantized, --de-quantize writes full precision.",
+    ),
+    "hf": (
+        "pipeline.phases.p08_convert_to_hf:convert_to_hf",
+        ["export"],
+        ["export.dtype", "export.max_shard_gb"],
+        "08 Convert the fused MLX model to a Hugging Face folder transformers loads.",
+    ),
+    "gguf": (
+        "pipeline.phases.p09_convert_to_gguf:convert_to_gguf",
+        ["gguf"],
+        ["gguf.outtype", "gguf.quantizations", "gguf.threads"],
+        "09 Convert to GGUF with llama.cpp's converter, then Q8_0 / Q5_K_M / Q4_K_M with its quantizer.",
+    ),
+    "verify": (
+        "pipeline.phases.p10_verify_gguf:verify_gguf",
+        ["verify"],
+        ["verify.max_rows", "verify.max_samples", "verify.f16_max_kl"],
+        "10 Load every GGUF in llama.cpp and measure it against the MLX fused model.",
+    ),
 }
 
 # Flags that would be ambiguous as the bare key name.
@@ -68,7 +92,14 @@ FLAG_NAMES = {
     "quantize.enabled": "--quantized",
     "eval.max_tokens": "--max-tokens",
     "generate.max_tokens": "--max-tokens",
+    "fuse.dequantize": "--de-quantize",
+    "fuse.dtype": "--dtype",
+    "export.dtype": "--dtype",
+    "gguf.quantizations": "--quantization",
+    "verify.max_samples": "--max-samples",
 }
+# Spellings users already use (mlx-lm says --dequantize, our docs say --de-quantize).
+FLAG_ALIASES = {"fuse.dequantize": ["--dequantize"]}
 
 
 def _option(key: str):
@@ -84,11 +115,12 @@ def _option(key: str):
     help_text = f"{meta['help']} [{'; '.join(extra)}]"
     dest = key.replace(".", "__")
     if kind == "bool":
-        return click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, help=help_text)
+        decls = [f"{flag}/--no-{flag[2:]}"] + [f"{a}/--no-{a[2:]}" for a in FLAG_ALIASES.get(key, [])]
+        return click.option(*decls, dest, default=None, help=help_text)
     if kind == "list":
         help_text += " Comma-separated."
     click_type = {"int": int, "float": float}.get(kind, str)
-    if meta["choices"] is not None:
+    if meta["choices"] is not None and kind != "list":
         click_type = click.Choice([str(c) for c in meta["choices"]])
     return click.option(flag, dest, type=click_type, default=None, help=help_text)
 
@@ -130,7 +162,8 @@ def main():
     Phases run in order; each writes models/<run>/<output>/manifest.json, which the next reads:
 
     \b
-      data -> base -> quantize -> train -> eval / generate
+      base -> data -> quantize -> train -> eval / generate
+      train -> fuse -> hf -> gguf -> verify
     """
 
 
@@ -149,6 +182,8 @@ main.add_command(make_command("generate", [
     click.option("--no-adapter", is_flag=True, default=False, help="Use the base model alone."),
     click.option("--raw", is_flag=True, default=False, help="Complete the prompt as plain text, no chat template."),
 ], lambda kw: {"prompt": kw["prompt"], "use_adapter": not kw["no_adapter"], "raw": kw["raw"]}))
+for _name in ("fuse", "hf", "gguf", "verify"):
+    main.add_command(make_command(_name))
 
 
 def entry():

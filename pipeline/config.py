@@ -115,6 +115,42 @@ class GenerateConfig:
 
 
 @dataclass
+class FuseConfig:
+    dequantize: bool = opt(
+        False,
+        "False (--no-dequantize): keep the base's quantization, the fused model stays about the size "
+        "of the quantized base. True (--de-quantize): write full precision weights.",
+        env="DEQUANTIZE",
+    )
+    dtype: str = opt("bfloat16", "Dtype of dequantized weights.", choices=["bfloat16", "float16", "float32"])
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = opt("bfloat16", "Dtype of the Hugging Face safetensors.", choices=["bfloat16", "float16", "float32"])
+    max_shard_gb: float = opt(5.0, "Shard the safetensors above this size (GB), with an index.", minimum=0.001)
+
+
+@dataclass
+class GGUFConfig:
+    outtype: str = opt("f16", "Type of the first, unquantized GGUF written by llama.cpp's converter.", choices=["f16", "bf16", "f32"])
+    quantizations: list = opt(
+        ["Q4_K_M", "Q5_K_M", "Q8_0"],
+        "GGUF types quantized from it by llama.cpp's quantizer.",
+        choices=["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K"],
+        env="QUANTS",
+    )
+    threads: int = opt(0, "Quantizer threads (0 = all cores).", minimum=0)
+
+
+@dataclass
+class VerifyConfig:
+    max_rows: int = opt(24, "Test rows compared token by token (KL, top-1) between MLX and llama.cpp.", minimum=1)
+    max_samples: int = opt(30, "Test rows answered by each GGUF for the task metric.", minimum=0)
+    f16_max_kl: float = opt(1e-3, "Fail when the F16/BF16 GGUF's mean KL to the MLX model exceeds this.", minimum=0.0)
+
+
+@dataclass
 class Config:
     run: str = opt("demo", "Run name: outputs go to <output_dir>/<run>/.", env="RUN")
     output_dir: str = opt("models", "Folder holding one sub-folder per run.", env="MODELS_DIR")
@@ -126,6 +162,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    gguf: GGUFConfig = field(default_factory=GGUFConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -141,7 +181,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ["model", "data", "quantize", "train", "eval", "generate"]
+SECTIONS = ["model", "data", "quantize", "train", "eval", "generate", "fuse", "export", "gguf", "verify"]
 
 # TEST_MODE shrinks the long-running knobs; applied after precedence, explicit flags still win.
 TEST_MODE_VALUES = {
@@ -154,6 +194,8 @@ TEST_MODE_VALUES = {
     "eval.max_samples": 4,
     "eval.max_tokens": 32,
     "eval.show_samples": 2,
+    "verify.max_rows": 4,
+    "verify.max_samples": 4,
 }
 
 
@@ -205,7 +247,7 @@ def coerce(key: str, value: Any, origin: str):
             value = float(value)
         elif kind == "list":
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                value = value.replace(",", " ").split()
             if not isinstance(value, (list, tuple)) or not value:
                 raise ValueError
             value = [str(v) for v in value]
@@ -213,7 +255,11 @@ def coerce(key: str, value: Any, origin: str):
             value = str(value)
     except ValueError:
         raise ConfigError(f"{where}: expected {'an' if kind == 'int' else 'a'} {kind}.") from None
-    if meta["choices"] is not None and value not in meta["choices"]:
+    if kind == "list" and meta["choices"] is not None:
+        bad = [v for v in value if v not in meta["choices"]]
+        if bad:
+            raise ConfigError(f"{where}: {', '.join(bad)} not allowed; choose from: {', '.join(meta['choices'])}.")
+    elif meta["choices"] is not None and value not in meta["choices"]:
         allowed = ", ".join(str(c) for c in meta["choices"])
         raise ConfigError(f"{where}: not allowed; choose one of: {allowed}.")
     if meta["min"] is not None and value < meta["min"]:

@@ -34,3 +34,19 @@ class RunPaths:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def fused(self) -> Path:
+        return self.root / "fused"
+
+    @property
+    def hf(self) -> Path:
+        return self.root / "hf"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "gguf"
+
+    @property
+    def verify(self) -> Path:
+        return self.root / "verify"

@@ -79,7 +79,7 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
         click.echo(f"\nprompt:   {s['prompt']}\nexpected: {s['reference']}")
         for k in ("base", "adapter"):
             if k in s:
-                click.echo(f"{k:>8}: {s[k]}")
+                click.echo(f"{k:>8}: {_one_line(s[k])}")
     if delta is not None:
         done(f"\ntask metric ({primary}): base {results['base']['metric'][primary]:.1f}% -> "
              f"adapter {results['adapter']['metric'][primary]:.1f}% ({delta:+.1f} points); results in {out}")
@@ -130,6 +130,12 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_tokens: in
     return answers
 
 
+def _one_line(text: str, width: int = 160) -> str:
+    """Answers may span many lines; show them as one, cut to the terminal."""
+    flat = " ⏎ ".join(line for line in text.splitlines() if line.strip())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def _samples(scored, results, n) -> list[dict]:
     out = []
     for i, row in enumerate(scored[:n]):
@@ -161,5 +167,5 @@ def _samples_markdown(samples) -> str:
         parts.append(f"- **prompt**: {s['prompt']}\n  - expected: `{s['reference']}`")
         for k in ("base", "adapter"):
             if k in s:
-                parts.append(f"  - {k}: `{s[k]}`")
+                parts.append(f"  - {k}: `{_one_line(s[k])}`")
     return "\n".join(parts) + "\n"
