@@ -21,6 +21,23 @@ def read_config(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_weight_files(model_dir: str | Path) -> None:
+    """Open every safetensors header before MLX reads the weights, so a damaged file is named."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise MissingInputError(f"{model_dir} has no *.safetensors weights.")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy"):
+                pass
+        except Exception as e:  # safetensors raises its own error type for each defect
+            raise PipelineError(
+                f"{f} is damaged or truncated ({e}). Delete it and re-run the phase that wrote it."
+            ) from None
+
+
 def dequantize_layers(model: nn.Module, dtype) -> int:
     """Swap every quantized Linear/Embedding for a dense one holding its dequantized weights.
 
@@ -66,6 +83,7 @@ def load_model(model_dir: str | Path, dtype_choice: str = "auto", cpu_dequantize
 
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
+    check_weight_files(model_dir)
     # A folder that skipped phase 02 may carry a config form mlx-lm misreads: fix it in memory.
     normalised = dict(cfg)
     arch.normalise_config(normalised)

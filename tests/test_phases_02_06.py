@@ -255,3 +255,36 @@ def test_scripts_run_their_phase(tmp_path):
         assert r.returncode == 0, r.stderr
         assert s.name[:2] in r.stdout, f"{s.name}: --help does not name its phase number"
         assert s.read_text().startswith(f'"""python scripts/{s.parent.name}/{s.name}')
+
+
+def test_cli_runs_eval_and_generate(trained, monkeypatch):
+    for var in ("TEST_MODE", "LORA_RANK", "RUN", "MODELS_DIR", "USE_LORA", "QUANTIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg, _ = trained("granitemoehybrid")
+    common = ["--output-dir", cfg.output_dir, "--run", "t"]
+    r = CliRunner().invoke(cli.main, ["eval", *common, "--max-samples", "2", "--max-tokens", "4", "--skip-base"])
+    assert r.exit_code == 0, r.output
+    assert "base + adapter" in r.output
+    r = CliRunner().invoke(cli.main, ["generate", *common, "--prompt", "hi", "--max-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli.main, ["generate", *common, "--max-tokens", "3"], input="hello\n/reset\n\n")
+    assert r.exit_code == 0 and "Interactive chat" in r.output, r.output
+
+
+def test_generate_without_adapter_names_train(tiny_hf_model, tmp_path):
+    cfg = make_cfg(tmp_path, tiny_hf_model("llama"))
+    fetch_base_model(cfg)
+    quantize_base_model(cfg)
+    with pytest.raises(MissingInputError, match="make train"):
+        generate(cfg, prompt="hi")
+    assert isinstance(generate(cfg, prompt="hi", use_adapter=False), str)
+
+
+def test_quantize_corrupt_weights_fails_clearly(tiny_hf_model, tmp_path):
+    cfg = make_cfg(tmp_path, tiny_hf_model("llama"))
+    fetch_base_model(cfg)
+    weights = tmp_path / "t" / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(PipelineError, match="model.safetensors"):
+        quantize_base_model(cfg)
+    assert not (tmp_path / "t" / "base-quantized").exists()

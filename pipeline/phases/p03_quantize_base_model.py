@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
+from ..errors import PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
+from ..modeling import check_weight_files
 from ..manifest import read_manifest, write_manifest
 from ..paths import RunPaths
 from .common import done, start_phase
@@ -34,10 +36,17 @@ def quantize_base_model(cfg) -> QuantizeResult:
     base_manifest = read_manifest(paths.base, "base")
     out = paths.quantized
     q = cfg.quantize
+    check_weight_files(paths.base)
     with atomic_path(out) as tmp:
         # convert() refuses an existing folder, so it writes a fresh one inside our temporary.
         target = tmp / "model"
-        convert(str(paths.base), str(target), quantize=True, q_group_size=q.group_size, q_bits=q.bits)
+        try:
+            convert(str(paths.base), str(target), quantize=True, q_group_size=q.group_size, q_bits=q.bits)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise PipelineError(
+                f"mlx-lm could not quantize {paths.base}: {e}. If a weight file is damaged, "
+                "delete the folder and run `make base` again."
+            ) from None
         for f in target.iterdir():
             f.rename(tmp / f.name)
         target.rmdir()
