@@ -95,7 +95,7 @@ $(RUNDIR)/gguf/manifest.json: $(RUNDIR)/hf/manifest.json $(RUNDIR)/.gguf-quants
 	$(CLI) gguf $(ARGS)
 
 verify: $(RUNDIR)/verify/manifest.json
-$(RUNDIR)/verify/manifest.json: $(RUNDIR)/gguf/manifest.json
+$(RUNDIR)/verify/manifest.json: $(RUNDIR)/gguf/manifest.json $(RUNDIR)/data/manifest.json
 	$(CLI) verify $(ARGS)
 
 demo: eval verify

@@ -78,7 +78,7 @@ COMMANDS = {
     "verify": (
         "pipeline.phases.p10_verify_gguf:verify_gguf",
         ["verify"],
-        ["verify.max_rows", "verify.max_samples", "verify.f16_max_kl"],
+        ["verify.max_rows", "verify.max_samples", "verify.f16_max_kl", "eval.max_tokens"],
         "10 Load every GGUF in llama.cpp and measure it against the MLX fused model.",
     ),
 }

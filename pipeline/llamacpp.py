@@ -26,10 +26,12 @@ import tempfile
 from pathlib import Path
 
 from .errors import MissingInputError, PipelineError
-from .fsio import atomic_path
+from .fsio import atomic_path, sha256_file
 
 VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python=={VERSION}"
+# sha256 of llama_cpp_python-0.3.36.tar.gz: a downloaded sdist must be exactly this one.
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # What the converter needs from the sdist's vendor/llama.cpp/ (plus the LoRA converter).
 FILES = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE"]
 CONVERTER = "convert_hf_to_gguf.py"
@@ -82,6 +84,8 @@ def _download_sdist(where: Path) -> Path:
     found = sorted(where.glob("llama_cpp_python-*.tar.gz"))
     if proc.returncode != 0 or not found:
         raise PipelineError(f"`{' '.join(cmd)}` failed:\n{_tail(proc.stderr or proc.stdout)}")
+    if (digest := sha256_file(found[0])) != SDIST_SHA256:
+        raise PipelineError(f"{found[0].name} from the package index has sha256 {digest}, expected {SDIST_SHA256}.")
     return found[0]
 
 
@@ -133,6 +137,7 @@ def converter_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(d / "gguf-py"), env.get("PYTHONPATH", "")) if p)
     env.pop("NO_LOCAL_GGUF", None)
+    env["PYTHONUNBUFFERED"] = "1"  # its log lines drive our progress bar as they come
     return env
 
 

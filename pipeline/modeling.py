@@ -49,8 +49,11 @@ def dequantize_layers(model: nn.Module, dtype) -> int:
     swaps = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
-            w = w.astype(dtype)
+            # In float32: dequantizing in the scales' own bf16 would round w = scale * q + bias.
+            biases = m.get("biases")
+            w = mx.dequantize(m.weight, m.scales.astype(mx.float32),
+                              None if biases is None else biases.astype(mx.float32),
+                              m.group_size, m.bits, mode=m.mode).astype(dtype)
             if isinstance(m, nn.QuantizedLinear):
                 dense = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
                 dense.weight = w

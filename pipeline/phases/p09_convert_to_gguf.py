@@ -39,6 +39,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
     started = start_phase(cfg, "09 convert to GGUF", ["gguf"])
     paths = RunPaths(cfg)
     llamacpp.require_converter()
+    llamacpp.check_runtime()
     hf = _hf_input(cfg, paths)
     hf_manifest = read_manifest(hf, "hf")
     model_type = check_convertible(hf)
@@ -49,21 +50,19 @@ def convert_to_gguf(cfg) -> GGUFResult:
     files = {t: out / f"{cfg.run}-{t}.gguf" for t in types}
     timings: dict[str, float] = {}
 
-    t0 = time.time()
-    _step(1, len(types), types[0], f"llama.cpp's converter on {hf}")
-    with atomic_path(files[types[0]], suffix=".gguf") as tmp:
-        _convert(hf, tmp, cfg.gguf.outtype)
-    timings[types[0]] = round(time.time() - t0, 2)
-    parameters = gguf_parameters(files[types[0]])
-    click.echo(f"      {human_size(files[types[0]].stat().st_size)} in {timings[types[0]]:.1f} s")
-
-    for i, q in enumerate(types[1:], start=2):
+    source = files[types[0]]
+    for i, t in enumerate(types, start=1):
         t0 = time.time()
-        _step(i, len(types), q, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
-        with atomic_path(files[q], suffix=".gguf") as tmp:
-            llamacpp.quantize(files[types[0]], tmp, q, cfg.gguf.threads)
-        timings[q] = round(time.time() - t0, 2)
-        click.echo(f"      {human_size(files[q].stat().st_size)} in {timings[q]:.1f} s")
+        with atomic_path(files[t], suffix=".gguf") as tmp:
+            if t == types[0]:
+                _step(i, len(types), t, f"llama.cpp's converter on {hf}")
+                _convert(hf, tmp, cfg.gguf.outtype)
+            else:
+                _step(i, len(types), t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
+                llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
+        timings[t] = round(time.time() - t0, 2)
+        click.echo(f"      {human_size(files[t].stat().st_size)} in {timings[t]:.1f} s")
+    parameters = gguf_parameters(source)
 
     _remove_stale(out, cfg.run, set(files.values()))
     table = [{"type": t, "file": files[t].name, "size_bytes": files[t].stat().st_size,
@@ -71,8 +70,8 @@ def convert_to_gguf(cfg) -> GGUFResult:
              for t in types]
     write_manifest(
         out, "09_convert_to_gguf", cfg, started,
-        inputs={"hf": str(hf), "hf_content_hash": hf_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(hf),
-                "model_type": model_type},
+        inputs={"hf": str(hf), "model_type": model_type,
+                "hf_content_hash": hf_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(hf)},
         outputs={"files": {r["type"]: {**r, "path": str(files[r["type"]]), "sha256": sha256_file(files[r["type"]])}
                            for r in table}},
         parameters=parameters,
@@ -154,5 +153,6 @@ def _step(i: int, n: int, type_name: str, how: str) -> None:
 def format_table(table: list[dict], parameters: int) -> str:
     lines = [f"\n{parameters:,} parameters", "| type | file | size | bits/weight | seconds |", "|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['type']} | {r['file']} | {human_size(r['size_bytes'])} | {r['bits_per_weight']:.2f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['type']} | {r['file']} | {human_size(r['size_bytes'])} | "
+                     f"{r['bits_per_weight']:.2f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
