@@ -59,3 +59,8 @@ def read_manifest(out_dir: str | Path, make_target: str) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise MissingInputError(f"{path} is corrupt ({e}). Delete {out_dir} and run `make {make_target}` again.") from None
+
+
+def is_current(recorded_hash: str | None, producer: dict) -> bool:
+    """Whether an output was made from the producer's current output (its content hash)."""
+    return bool(recorded_hash) and recorded_hash == producer.get("outputs", {}).get("content_hash")

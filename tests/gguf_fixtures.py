@@ -36,8 +36,11 @@ def make_run(root: Path, model_dir: Path, run: str = "t", n_rows: int = 4, hf: b
     started = time.time()
     for name in ("base", "fused", "hf") if hf else ("base", "fused"):
         shutil.copytree(model_dir, run_dir / name)
-        write_manifest(run_dir / name, f"test {name}", cfg, started, inputs={"model": str(model_dir)},
-                       outputs={"path": str(run_dir / name), "content_hash": hash_model_dir(model_dir)})
+        digest = hash_model_dir(model_dir)
+        # hf/ records the fused model it was exported from, as phase 08 does.
+        write_manifest(run_dir / name, f"test {name}", cfg, started,
+                       inputs={"model": str(model_dir), "fused": {"content_hash": digest}},
+                       outputs={"path": str(run_dir / name), "content_hash": digest})
     write_jsonl(run_dir / "data" / "test.jsonl", generate_rows(n_rows, seed=1))
     write_manifest(run_dir / "data", "test data", cfg, started, inputs={}, outputs={})
     return cfg

@@ -129,6 +129,17 @@ def test_verify_fails_when_the_gguf_no_longer_matches_the_mlx_model(tmp_path, tm
     assert kl > 1e-3
 
 
+def test_verify_refuses_ggufs_of_an_earlier_fused_model(tmp_path, tmp_path_factory, tiny_hf_model):
+    """Re-fused after export (manifests say so): verify names the stale chain instead of measuring it."""
+    cfg, _ = _f16_only_copy(tmp_path_factory, tiny_hf_model, tmp_path, **{"verify.max_samples": 0})
+    manifest = tmp_path / "t" / "fused" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["outputs"]["content_hash"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(PipelineError, match=r"not made from the current fused model.*make gguf"):
+        verify_gguf(cfg)
+
+
 def test_verify_needs_gguf_files(tmp_path, tiny_hf_model):
     cfg = make_run(tmp_path, tiny_hf_model("llama"))
     with pytest.raises(MissingInputError, match=r"make gguf"):

@@ -20,7 +20,7 @@ import click
 
 from .. import arch
 from ..errors import PipelineError
-from ..fsio import atomic_path, dir_size, human_size, write_json
+from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
 from ..manifest import read_manifest, write_manifest
 from ..paths import RunPaths
 from .common import done, start_phase
@@ -76,7 +76,8 @@ def convert_to_hf(cfg) -> HFResult:
                           "dequantized": fused_manifest.get("dequantized")},
                 "config": str(paths.base / "config.json"),
             },
-            outputs={"path": str(out), "shards": shards, "size_bytes": size, "tensors": len(weights)},
+            outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "shards": shards, "size_bytes": size,
+                     "tensors": len(weights)},
             config_changes=changes,
             copied=copied,
         )

@@ -21,7 +21,7 @@ import click
 from .. import arch, llamacpp
 from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, hash_model_dir, human_size, sha256_file
-from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
 from ..modeling import read_config
 from ..paths import RunPaths
 from .common import done, start_phase
@@ -84,12 +84,17 @@ def convert_to_gguf(cfg) -> GGUFResult:
 
 
 def _hf_input(cfg, paths: RunPaths) -> Path:
-    """hf/ from phase 08; when only phase 07 ran, run 08 first (its output is what we convert)."""
+    """hf/ from phase 08; when only phase 07 ran, or fused/ changed since, run 08 first."""
+    fused = read_manifest(paths.fused, "fuse") if (paths.fused / MANIFEST).is_file() else None
     if (paths.hf / MANIFEST).is_file():
-        return paths.hf
-    if (paths.fused / MANIFEST).is_file():
+        recorded = read_manifest(paths.hf, "hf").get("inputs", {}).get("fused", {}).get("content_hash")
+        if fused is None or is_current(recorded, fused):
+            return paths.hf
+        click.echo(f"{paths.hf} was exported from an earlier fused model: exporting {paths.fused} again (phase 08).")
+    if fused is not None:
         check_model_type(paths.fused)  # fail before a long export
-        click.echo(f"{paths.hf} is missing: converting {paths.fused} to Hugging Face first (phase 08).")
+        if not (paths.hf / MANIFEST).is_file():
+            click.echo(f"{paths.hf} is missing: converting {paths.fused} to Hugging Face first (phase 08).")
         from .p08_convert_to_hf import convert_to_hf
 
         convert_to_hf(cfg)

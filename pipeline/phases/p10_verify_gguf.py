@@ -26,7 +26,7 @@ from .. import llamacpp
 from ..data.formats import prompt_and_answer
 from ..errors import DataError, MissingInputError, PipelineError
 from ..fsio import human_size, sha256_file, write_json, write_text
-from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
 from ..metrics import score_answers
 from ..paths import RunPaths
 from .common import done, start_phase
@@ -67,8 +67,7 @@ def verify_gguf(cfg) -> VerifyResult:
     paths = RunPaths(cfg)
     out = paths.verify
     (out / MANIFEST).unlink(missing_ok=True)  # a failed verify must not leave an old pass behind
-    read_manifest(paths.gguf, "gguf")
-    read_manifest(paths.fused, "fuse")
+    _check_chain(read_manifest(paths.fused, "fuse"), read_manifest(paths.hf, "hf"), read_manifest(paths.gguf, "gguf"))
     llamacpp.check_runtime()
     files = sorted(paths.gguf.glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name))  # F16 first
     if not files:
@@ -86,6 +85,7 @@ def verify_gguf(cfg) -> VerifyResult:
         prompts = [prompt_and_answer(r)[0] for r in ref.answered]
         mlx_row["metric"] = _score(generate_answers(ref.model, ref.mlx_tokenizer, prompts, cfg.eval.max_tokens), ref)
 
+    notes = _fusion_note(paths, mlx_row)
     rows, failures = [], []
     for path in files:
         click.echo(f"\n{path.name}:")
@@ -98,11 +98,15 @@ def verify_gguf(cfg) -> VerifyResult:
 
     primary = mlx_row.get("metric", {}).get("primary")
     report = {"rows_compared": len(ref.compared), "rows_answered": len(ref.answered), "primary_metric": primary,
-              "f16_max_kl": cfg.verify.f16_max_kl, "passed": not failures, "failures": failures, "models": rows}
+              "f16_max_kl": cfg.verify.f16_max_kl, "passed": not failures, "failures": failures, "models": rows,
+              "notes": notes}
     table = format_table(rows, primary)
     write_json(out / "report.json", report)
-    write_text(out / "report.md", "# GGUF verification\n\n" + table + "\n" + _failures_md(failures))
+    write_text(out / "report.md", "# GGUF verification\n\n" + table + "\n" + "".join(f"\n> {n}\n" for n in notes)
+               + _failures_md(failures))
     click.echo("\n" + table)
+    for n in notes:
+        click.secho(n, fg="yellow")
     if failures:
         raise PipelineError("verify FAILED:\n" + "\n".join(f"  - {f}" for f in failures)
                             + f"\nReport: {out / 'report.md'}")
@@ -346,6 +350,36 @@ def _first_difference(a, b, unit: str = "character") -> str:
     if isinstance(a, str):
         return f"first difference at {unit} {i}: {a[j:i + 24]!r} vs {b[j:i + 24]!r}"
     return f"first difference at {unit} {i}: {a[j:i + 4]} vs {b[j:i + 4]}"
+
+
+def _check_chain(fused: dict, hf: dict, gguf: dict) -> None:
+    """The GGUFs must come from the current fused model, or verify would measure the wrong files."""
+    if not is_current(hf.get("inputs", {}).get("fused", {}).get("content_hash"), fused) or not is_current(
+        gguf.get("inputs", {}).get("hf_content_hash"), hf
+    ):
+        raise PipelineError(
+            "The GGUF files were not made from the current fused model (fused/ changed after hf/ or gguf/ "
+            "was written). Run `make gguf` (or `mlx-pipeline gguf`) to re-export, then verify."
+        )
+
+
+def _fusion_note(paths: RunPaths, mlx_row: dict) -> list[str]:
+    """Compare the fused model's task metric with base + adapter from 05 eval: verify measures the
+    GGUFs against the fused model, so a fine-tune lost at fusion would otherwise pass unnoticed."""
+    results = paths.eval / "results.json"
+    metric = mlx_row.get("metric")
+    if not results.is_file() or not metric:
+        return []
+    adapter = json.loads(results.read_text()).get("adapter", {}).get("metric", {})
+    primary = metric.get("primary")
+    if primary not in adapter:
+        return []
+    lost = adapter[primary] - metric[primary]
+    if lost <= 5:
+        return []
+    return [f"warning: the fused model scores {metric[primary]:.1f}% {primary} but base + adapter scored "
+            f"{adapter[primary]:.1f}% in 05 eval: the fine-tune was lost at fusion (re-quantization rounds a small "
+            "adapter away). Fuse with --de-quantize (DEQUANTIZE=1) and re-export."]
 
 
 def _mlx_type(path: Path) -> str:
