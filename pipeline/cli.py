@@ -60,7 +60,7 @@ COMMANDS = {
     "fuse": (
         "pipeline.phases.p07_fuse_lora:fuse",
         ["fuse"],
-        ["quantize.enabled", "fuse.dequantize", "fuse.dtype"],
+        ["quantize.enabled", "fuse.dequantize", "fuse.dtype", "fuse.rebase", "fuse.strict"],
         "07 Fuse the adapter into the base: --no-dequantize (default) keeps it quantized, --de-quantize writes full precision.",
     ),
     "hf": (
@@ -72,7 +72,7 @@ COMMANDS = {
     "gguf": (
         "pipeline.phases.p09_convert_to_gguf:convert_to_gguf",
         ["gguf"],
-        ["gguf.outtype", "gguf.quantizations", "gguf.threads"],
+        ["gguf.outtype", "gguf.quantizations", "gguf.threads", "gguf.native", "gguf.adapter_gguf", "gguf.imatrix"],
         "09 Convert to GGUF with llama.cpp's converter, then Q8_0 / Q5_K_M / Q4_K_M with its quantizer.",
     ),
     "verify": (
@@ -99,7 +99,7 @@ FLAG_NAMES = {
     "verify.max_samples": "--max-samples",
 }
 # Spellings users already use (mlx-lm says --dequantize, our docs say --de-quantize).
-FLAG_ALIASES = {"fuse.dequantize": ["--dequantize"]}
+FLAG_ALIASES = {"fuse.dequantize": ["--dequantize"], "gguf.native": ["--no-dequantize"]}
 
 
 def _option(key: str):
@@ -115,7 +115,8 @@ def _option(key: str):
     help_text = f"{meta['help']} [{'; '.join(extra)}]"
     dest = key.replace(".", "__")
     if kind == "bool":
-        decls = [f"{flag}/--no-{flag[2:]}"] + [f"{a}/--no-{a[2:]}" for a in FLAG_ALIASES.get(key, [])]
+        negate = lambda a: f"--{a[5:]}" if a.startswith("--no-") else f"--no-{a[2:]}"  # noqa: E731
+        decls = [f"{a}/{negate(a)}" for a in [flag, *FLAG_ALIASES.get(key, [])]]
         return click.option(*decls, dest, default=None, help=help_text)
     if kind == "list":
         help_text += " Comma-separated."

@@ -123,6 +123,12 @@ class FuseConfig:
         env="DEQUANTIZE",
     )
     dtype: str = opt("bfloat16", "Dtype of dequantized weights.", choices=["bfloat16", "float16", "float32"])
+    rebase: bool = opt(
+        False,
+        "Add a QLoRA adapter to the ORIGINAL full-precision weights (base/) instead of the quantized "
+        "ones it was trained on; the result is dense and is quantized once, by the GGUF step.",
+    )
+    strict: bool = opt(False, "Fail (instead of warning) when fusion loses most of the adapter's effect.")
 
 
 @dataclass
@@ -141,6 +147,13 @@ class GGUFConfig:
         env="QUANTS",
     )
     threads: int = opt(0, "Quantizer threads (0 = all cores).", minimum=0)
+    native: bool = opt(
+        False,
+        "Also write the fused MLX-quantized weights as GGUF Q4_1/Q5_1 blocks holding the same values "
+        "(no second quantization; needs a --no-dequantize fuse).",
+    )
+    adapter_gguf: bool = opt(False, "Also write the adapter as a llama.cpp LoRA GGUF (use with the base GGUF).")
+    imatrix: bool = opt(False, "Compute an importance matrix on the training split and pass it to the quantizer.")
 
 
 @dataclass
