@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from .. import arch, llamacpp
+from .. import arch, gguf_native, llamacpp
 from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, hash_model_dir, human_size, sha256_file
 from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
@@ -40,6 +40,9 @@ def convert_to_gguf(cfg) -> GGUFResult:
     paths = RunPaths(cfg)
     llamacpp.require_converter()
     llamacpp.check_runtime()
+    native = None  # "<Q4_1|Q5_1>-native": MLX's quantized weights transcoded, not quantized again
+    if cfg.gguf.native:  # fail before a long export when the fused model cannot be transcoded
+        native = f"{gguf_native.check_native_source(paths.fused)}-native"
     hf = _hf_input(cfg, paths)
     hf_manifest = read_manifest(hf, "hf")
     model_type = check_convertible(hf)
@@ -48,20 +51,32 @@ def convert_to_gguf(cfg) -> GGUFResult:
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
     types = list(dict.fromkeys([cfg.gguf.outtype.upper(), *cfg.gguf.quantizations]))
     files = {t: out / f"{cfg.run}-{t}.gguf" for t in types}
+    steps = len(types) + (1 if native else 0)
     timings: dict[str, float] = {}
+    native_stats = None
 
     source = files[types[0]]
     for i, t in enumerate(types, start=1):
         t0 = time.time()
         with atomic_path(files[t], suffix=".gguf") as tmp:
             if t == types[0]:
-                _step(i, len(types), t, f"llama.cpp's converter on {hf}")
+                _step(i, steps, t, f"llama.cpp's converter on {hf}")
                 _convert(hf, tmp, cfg.gguf.outtype)
             else:
-                _step(i, len(types), t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
+                _step(i, steps, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
                 llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
         timings[t] = round(time.time() - t0, 2)
         click.echo(f"      {human_size(files[t].stat().st_size)} in {timings[t]:.1f} s")
+    if native:
+        t0 = time.time()
+        files[native] = out / f"{cfg.run}-{native}.gguf"
+        _step(steps, steps, native, f"MLX's quantized weights of {paths.fused} as GGUF blocks (no second quantization)")
+        native_stats = gguf_native.write_native_gguf(paths.fused, source, files[native])
+        native_stats.pop("tensors", None)
+        timings[native] = round(time.time() - t0, 2)
+        types.append(native)
+        click.echo(f"      {human_size(files[native].stat().st_size)} in {timings[native]:.1f} s: "
+                   f"{native_stats['transcoded']} tensors transcoded, max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
     parameters = gguf_parameters(source)
 
     _remove_stale(out, cfg.run, set(files.values()))
@@ -75,6 +90,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
         outputs={"files": {r["type"]: {**r, "path": str(files[r["type"]]), "sha256": sha256_file(files[r["type"]])}
                            for r in table}},
         parameters=parameters,
+        native=native_stats,
         toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),
                    "quantizer": str(llamacpp.quantize_binary() or "llama_cpp.llama_model_quantize")},
     )

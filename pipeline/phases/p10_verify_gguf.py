@@ -145,7 +145,7 @@ def _measure(path: Path, ref: Reference, cfg) -> tuple[dict, list[str]]:
     except PipelineError as e:
         return row, [str(e)]
     meta = gguf_metadata(llm)
-    row["type"] = meta["type"]
+    row["type"] = meta["type"] + (" (native)" if path.name.endswith("-native.gguf") else "")
     problems: list[str] = []
     try:
         with llamacpp.captured_log():
