@@ -188,3 +188,23 @@ def test_refuses_dense_models_and_other_architectures(tmp_path, tmp_path_factory
     with pytest.raises(PipelineError, match=r"3-bit MLX weights have no exact GGUF block type"):
         write_native_gguf(fused, f16, out)
     assert not out.exists() and not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_phase_09_writes_the_native_file_with_native_flag(tmp_path, tmp_path_factory, tiny_hf_model, export_runs):  # noqa: F811
+    """`mlx-pipeline gguf --native` (alias --no-dequantize): the hook in phase 09, size table and manifest."""
+    from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
+
+    cfg, _, stats, native = native_run("q4-g64", tmp_path_factory, tiny_hf_model, export_runs)
+    shutil.copytree(Path(cfg.output_dir) / "t", tmp_path / "t", ignore=shutil.ignore_patterns("gguf"))
+    result = convert_to_gguf(make_cfg(tmp_path, "t", **{"gguf.quantizations": ["Q8_0"], "gguf.native": True}))
+    path = result.files["Q4_1-native"]
+    assert path.name == "t-Q4_1-native.gguf" and path.stat().st_size == native.stat().st_size
+    manifest = json.loads((tmp_path / "t" / "gguf" / "manifest.json").read_text())
+    assert manifest["native"]["transcoded"] == stats["transcoded"] > 0
+    assert "Q4_1-native" in manifest["outputs"]["files"]
+
+    dense = tmp_path / "dense"
+    make_run(dense, tiny_hf_model("llama"), hf=False)
+    with pytest.raises(PipelineError, match="Fuse with --no-dequantize first"):
+        convert_to_gguf(make_cfg(dense, "t", **{"gguf.native": True}))
+    assert not (dense / "t" / "hf").exists()
