@@ -6,6 +6,13 @@ layer's own `fuse()`, as in mlx-lm's fuse). The model stays the size of the quan
 re-quantization rounds the delta onto the quantization grid and can bury a small adapter in
 rounding noise (mlx-lm issues #1172, #654): the phase measures that error and warns.
 `--de-quantize` writes every weight dense in `fuse.dtype`: about parameters x 2 bytes in bf16.
+`--rebase` adds a QLoRA adapter (trained on base-quantized/) to the ORIGINAL full-precision weights
+of base/ (the folder the quantized base was made from, checked by content hash) and writes them
+dense in `fuse.dtype`; the GGUF step then quantizes once instead of twice.
+
+Every fuse reports how much of the adapter survived (pipeline/survival.py): per layer, and end to
+end on a few validation rows. When the fused model is not much closer to base + adapter than the
+base is, it warns (`--strict`: fails and writes nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from ..errors import PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
 from ..manifest import read_manifest, write_manifest
 from ..paths import RunPaths
+from ..survival import end_to_end, fused_layer_stats, lost, lost_message, summarize_layers, summary_lines
 from .common import done, start_phase
 
 # What a model folder carries besides weights and config.json; copied byte for byte.
@@ -39,6 +47,8 @@ class FuseResult:
     parameters: int
     sizes: dict  # bytes of safetensors: base, adapter, fused
     delta_error: float | None  # |re-quantized delta - exact delta| / |exact delta|
+    rebased: bool = False
+    survival: dict | None = None  # pipeline.survival report (per layer, end to end)
 
 
 def fuse(cfg) -> FuseResult:
@@ -52,17 +62,25 @@ def fuse(cfg) -> FuseResult:
     started = start_phase(cfg, "07 fuse", ["fuse"])
     paths = RunPaths(cfg)
     read_manifest(paths.adapters, "train")
-    base = paths.train_base
-    read_manifest(base, "quantize" if cfg.quantize.enabled else "base")
     adapter_cfg = json.loads((paths.adapters / "adapter_config.json").read_text())
-    base_hash = check_same_base(adapter_cfg, paths.adapters, base)
+    rebase = bool(getattr(cfg.fuse, "rebase", False))
+    strict = bool(getattr(cfg.fuse, "strict", False))
+    if rebase:
+        base, base_hash, trained_on = check_rebase(cfg, paths, adapter_cfg)
+    else:
+        base = paths.train_base
+        read_manifest(base, "quantize" if cfg.quantize.enabled else "base")
+        base_hash = check_same_base(adapter_cfg, paths.adapters, base)
+        trained_on = None
 
     # The genuine model: quantized layers stay quantized (not pipeline.modeling's CPU form).
+    # With --rebase: the original full-precision base, dense.
     model, _, config = load(str(base), return_config=True)
     base_dtype = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     load_adapters(model, str(paths.adapters))  # full fine-tuning: the weights themselves
-    dequantize = cfg.fuse.dequantize
-    fused, delta_error = fuse_layers(model, dequantize)
+    dequantize = cfg.fuse.dequantize or rebase
+    adapted: dict = {}
+    fused, delta_error = fuse_layers(model, dequantize, adapted)
     if dequantize:
         dequantize_model(model)
         config.pop("quantization", None)
@@ -74,42 +92,92 @@ def fuse(cfg) -> FuseResult:
         dtype = base_dtype  # fused in float32 (see fuse_layers); stored as the base stores it
     cast_floats(model, dtype)
     parameters = int(get_total_parameters(model))
+    # Per-layer survival, on the weights as stored (after re-quantization / the final cast).
+    survival = {"layers": summarize_layers(fused_layer_stats(model, adapted))}
+    del adapted
+    scale_bits = _scale_bits(model)
 
     out = paths.fused
     with atomic_path(out) as tmp:
         save_model(tmp, model)
         save_config(dict(config), tmp / "config.json")
         copy_tokenizer_files(paths.base if (paths.base / "config.json").is_file() else base, tmp)
+        del model
+        if fused:  # end to end: only when there are adapter layers (full fine-tuning has none)
+            survival["end_to_end"] = end_to_end(paths.train_base if rebase else base, paths.adapters, tmp, base,
+                                                paths.data / "valid.jsonl")
+        survival["lost"] = lost(survival)
+        survival_text = summary_lines(survival)
+        if survival["lost"] and strict:
+            raise PipelineError("fuse --strict: " + lost_message(survival, dequantize, rebase)
+                                + f" Nothing was written to {out}.")
         sizes = {
             "base": dir_size(base, "*.safetensors"),
             "adapter": (paths.adapters / "adapters.safetensors").stat().st_size,
             "fused": dir_size(tmp, "*.safetensors"),
         }
-        report = size_report(sizes, parameters, config.get("quantization"), _scale_bits(model),
+        report = size_report(sizes, parameters, config.get("quantization"), scale_bits,
                              dtype.size, delta_error)
+        inputs = {
+            "base": {"path": str(base), "content_hash": base_hash},
+            "adapter": {"path": str(paths.adapters), "fine_tune_type": adapter_cfg.get("fine_tune_type", "lora")},
+        }
+        if rebase:
+            inputs["trained_on"] = trained_on
         write_manifest(
             tmp, "07_fuse_lora", cfg, started,
-            inputs={
-                "base": {"path": str(base), "content_hash": base_hash},
-                "adapter": {"path": str(paths.adapters), "fine_tune_type": adapter_cfg.get("fine_tune_type", "lora")},
-            },
+            inputs=inputs,
             outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "size_bytes": sizes["fused"]},
             dequantized=dequantize,
+            rebased=rebase,
+            original_base_content_hash=base_hash if rebase else None,
             dtype=str(dtype).replace("mlx.core.", ""),
             quantization=config.get("quantization"),
             fused_layers=fused,
             report=report,
+            survival=survival,
         )
     click.echo("\n".join(report["explanation"]))
+    if rebase:
+        click.echo(f"rebased: the adapter trained on {trained_on['path']} was added to the original weights in {base}")
+    click.echo("\n".join(survival_text))
     if delta_error is not None and delta_error > MAX_DELTA_ERROR:
         click.secho(
             f"warning: re-quantization changed the fused weights by {delta_error:.0%} of the adapter's own "
             "weight change: the delta is small next to the quantization step and mostly rounding noise now. "
-            "Fuse with --de-quantize to keep it exactly.",
+            "Fuse with --de-quantize to keep it exactly (or --rebase).",
             fg="yellow",
         )
+    if survival["lost"]:
+        click.secho("warning: " + lost_message(survival, dequantize, rebase)
+                    + " (`--strict` makes this an error.)", fg="yellow")
     done(f"fused model ready: {out}")
-    return FuseResult(out, dequantize, fused, parameters, sizes, delta_error)
+    return FuseResult(out, dequantize, fused, parameters, sizes, delta_error, rebase, survival)
+
+
+def check_rebase(cfg, paths: RunPaths, adapter_cfg: dict) -> tuple[Path, str, dict]:
+    """--rebase: the adapter must have been trained on the quantized base, and that quantized base
+    must have been made from this run's full-precision base. Returns (base, its hash, trained-on)."""
+    if not cfg.quantize.enabled:
+        raise PipelineError(
+            "--rebase adds a QLoRA adapter (trained on base-quantized/) to the original full-precision "
+            "base, but this run trains on the full-precision base already (quantize.enabled is false): "
+            "fuse without --rebase (use --de-quantize for full precision).")
+    quantized_manifest = read_manifest(paths.quantized, "quantize")
+    base_manifest = read_manifest(paths.base, "base")
+    quantized_hash = check_same_base(adapter_cfg, paths.adapters, paths.quantized)
+    made_from = (quantized_manifest.get("inputs") or {}).get("base_content_hash")
+    base_hash = (base_manifest.get("outputs") or {}).get("content_hash")
+    actual = hash_model_dir(paths.base)
+    if not made_from or made_from != base_hash or actual != base_hash:
+        raise PipelineError(
+            f"--rebase refused: the quantized base the adapter was trained on ({paths.quantized}) was made from "
+            f"a base with content hash {str(made_from)[:16]}, but {paths.base} has content hash {actual[:16]}"
+            + (f" (its manifest records {str(base_hash)[:16]})" if base_hash != actual else "")
+            + ". Adding the adapter to other full-precision weights than the ones it was trained against would "
+            "be meaningless. Point the run at the original base (`make base` with the same model), or fuse "
+            "without --rebase (--de-quantize).")
+    return paths.base, actual, {"path": str(paths.quantized), "content_hash": quantized_hash}
 
 
 def check_same_base(adapter_cfg: dict, adapters: Path, base: Path) -> str:
@@ -127,7 +195,7 @@ def check_same_base(adapter_cfg: dict, adapters: Path, base: Path) -> str:
     return actual
 
 
-def fuse_layers(model, dequantize: bool) -> tuple[int, float | None]:
+def fuse_layers(model, dequantize: bool, adapted: dict | None = None) -> tuple[int, float | None]:
     """Replace every LoRA/DoRA layer by its own `fuse()`; returns (layers fused, delta error).
 
     Each layer is fused in float32, so the delta is added before any rounding (to bf16 or to
@@ -152,6 +220,8 @@ def fuse_layers(model, dequantize: bool) -> tuple[int, float | None]:
             err += ((_dense(layer) - w0 - exact) ** 2).sum().item()
             norm += (exact * exact).sum().item()
         fused.append((name, layer))
+        if adapted is not None:
+            adapted[name] = m  # kept for the survival report (pipeline/survival.py)
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused), (round(math.sqrt(err / norm), 4) if norm > 0 else None)

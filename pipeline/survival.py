@@ -1,0 +1,210 @@
+"""How much of an adapter survives fusing: per layer (weights) and end to end (next-token KL).
+
+Per adapted layer, with W the weights the adapter was fused into (the quantized base's values,
+or the original full-precision ones for --rebase), dW the adapter's exact change (the LoRA
+layer's own fuse, in float32) and W_fused the stored fused weights (after re-quantization or
+rounding to the output dtype):
+
+- survival = ||W_fused - W|| / ||dW||      (~1: the change is there; ~0: it vanished)
+- error    = ||W_fused - (W + dW)|| / ||dW|| (~0: exact; >= 1: rounding noise as large as dW)
+
+Survival alone can look fine when re-quantization replaces dW by noise of the same size; the
+error says how much of it is dW. End to end, on a few validation rows in float32, predicting the
+answer tokens: KL(base + adapter || fused) against KL(base + adapter || base), where base + adapter
+is what was trained (the training base with the adapter loaded) and base is what the adapter was
+fused into. ratio = the first / the second: ~0 the fine-tune survived, ~1 it is gone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# The fused model must be much closer to base + adapter than the base is, or the fine-tune was lost.
+MAX_KL_RATIO = 0.5
+E2E_ROWS = 4
+WORST_LAYERS = 5
+
+BETTER_OPTIONS = (
+    "better options: `--rebase` (add the adapter to the original full-precision base; the GGUF step "
+    "quantizes once), `--de-quantize` (keep W + dW exactly, in full precision), a native GGUF of the "
+    "quantized base (gguf.native), or ship the adapter itself as a LoRA GGUF next to the base GGUF"
+)
+
+
+def layer_stats(name: str, base_w, exact_delta, fused_w) -> dict:
+    """One layer's survival and error (all arrays float32, same shape)."""
+    dn = math.sqrt((exact_delta * exact_delta).sum().item())
+    moved = fused_w - base_w
+    mn = math.sqrt((moved * moved).sum().item())
+    err = moved - exact_delta
+    en = math.sqrt((err * err).sum().item())
+    if dn == 0:
+        return {"layer": name, "delta_norm": 0.0, "survival": None, "error": None}
+    return {"layer": name, "delta_norm": dn, "survival": mn / dn, "error": en / dn}
+
+
+def summarize_layers(stats: list[dict]) -> dict:
+    rated = [s for s in stats if s["survival"] is not None]
+    if not rated:
+        return {"layers": len(stats), "rated_layers": 0}
+    worst = sorted(rated, key=lambda s: -s["error"])[:WORST_LAYERS]
+    total_delta = math.sqrt(sum(s["delta_norm"] ** 2 for s in rated))
+    total_err = math.sqrt(sum((s["error"] * s["delta_norm"]) ** 2 for s in rated))
+    return {
+        "layers": len(stats),
+        "rated_layers": len(rated),
+        "mean_survival": round(sum(s["survival"] for s in rated) / len(rated), 4),
+        "min_survival": round(min(s["survival"] for s in rated), 4),
+        "mean_error": round(sum(s["error"] for s in rated) / len(rated), 4),
+        "max_error": round(max(s["error"] for s in rated), 4),
+        # ||sum of errors|| / ||sum of deltas|| over all layers: the old `delta_error` figure.
+        "overall_error": round(total_err / total_delta, 4) if total_delta > 0 else None,
+        "worst_layers": [{"layer": s["layer"], "survival": round(s["survival"], 4), "error": round(s["error"], 4)}
+                         for s in worst],
+    }
+
+
+def fused_layer_stats(model, adapted: dict) -> list[dict]:
+    """Compare each fused layer in `model` (as stored: after the final cast) with its LoRA layer.
+
+    `adapted` maps module name -> the LoRA/DoRA layer that was fused (its inner layer is the
+    weight it was fused into, in float32).
+    """
+    import mlx.core as mx
+
+    modules = dict(model.named_modules())
+    stats = []
+    for name, lora in adapted.items():
+        inner = lora["linear"] if "linear" in lora else lora["embedding"]
+        w0 = _dense(inner).astype(mx.float32)
+        exact = lora.fuse(dequantize=True).weight.astype(mx.float32) - w0
+        fused_w = _dense(modules[name]).astype(mx.float32)
+        s = layer_stats(name, w0, exact, fused_w)
+        mx.eval(w0)
+        stats.append(s)
+    return stats
+
+
+def _dense(m):
+    import mlx.core as mx
+
+    if "scales" not in m:
+        return m.weight
+    biases = m.get("biases")
+    return mx.dequantize(m.weight, m.scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
+                         group_size=m.group_size, bits=m.bits, mode=m.mode)
+
+
+def read_rows(path: Path, n: int) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "messages" in r or "prompt" in r][:n]
+
+
+def _answer_logprobs(model, tokenizer, rows) -> list:
+    """log-softmax (float64 numpy) of the positions that predict each row's answer tokens."""
+    import mlx.core as mx
+    import numpy as np
+
+    from .data.formats import prompt_and_answer
+
+    out = []
+    for r in rows:
+        messages, answer = prompt_and_answer(r)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}],
+                                             return_dict=False)
+        start = max(len(prompt) - 1, 0) if full[: len(prompt)] == prompt else 0
+        logits = model(mx.array([full]))[0, start: len(full) - 1].astype(mx.float32)
+        x = np.array(logits).astype(np.float64)
+        x -= x.max(-1, keepdims=True)
+        out.append(x - np.log(np.exp(x).sum(-1, keepdims=True)))
+    return out
+
+
+def _kl(p: list, q: list) -> float:
+    import numpy as np
+
+    return float(np.concatenate([np.sum(np.exp(a) * (a - b), axis=-1) for a, b in zip(p, q)]).mean())
+
+
+def end_to_end(train_base: Path, adapters: Path, fused: Path, fused_into: Path, valid: Path,
+               n_rows: int = E2E_ROWS) -> dict | None:
+    """KL(trained || fused) and KL(trained || base) on a few validation rows, float32.
+
+    trained = `train_base` + adapter (what training optimised); base = `fused_into` (what the
+    adapter was added to: the training base, or the original base for --rebase). Models are
+    loaded one at a time. Returns None when there are no chat/completions validation rows.
+    """
+    import gc
+
+    from mlx_lm.tuner.utils import load_adapters
+
+    from .modeling import load_model
+
+    rows = read_rows(valid, n_rows)
+    if not rows:
+        return None
+    model, tokenizer, _ = load_model(train_base, "float32")
+    base_lp = _answer_logprobs(model, tokenizer, rows) if Path(fused_into) == Path(train_base) else None
+    load_adapters(model, str(adapters))
+    model.eval()
+    ref = _answer_logprobs(model, tokenizer, rows)
+    del model
+    gc.collect()
+    if base_lp is None:
+        model, _, _ = load_model(fused_into, "float32")
+        base_lp = _answer_logprobs(model, tokenizer, rows)
+        del model
+        gc.collect()
+    kl_base = _kl(ref, base_lp)
+    del base_lp
+    model, _, _ = load_model(fused, "float32")
+    kl_fused = _kl(ref, _answer_logprobs(model, tokenizer, rows))
+    del model
+    gc.collect()
+    return {
+        "rows": len(rows),
+        "positions": int(sum(len(r) for r in ref)),
+        "kl_trained_vs_fused": kl_fused,
+        "kl_trained_vs_base": kl_base,
+        "ratio": (kl_fused / kl_base) if kl_base > 0 else None,
+        "base": str(fused_into),
+    }
+
+
+def lost(report: dict) -> bool:
+    e2e = report.get("end_to_end") or {}
+    return e2e.get("ratio") is not None and e2e["ratio"] > MAX_KL_RATIO
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = []
+    layers = report.get("layers") or {}
+    if layers.get("rated_layers"):
+        worst = ", ".join(f"{w['layer']} ({w['error']:.2f})" for w in layers["worst_layers"][:3])
+        lines.append(f"adapter survival over {layers['rated_layers']} fused layers: ||W_fused - W|| / ||dW|| "
+                     f"mean {layers['mean_survival']:.3f} (min {layers['min_survival']:.3f}); "
+                     f"error ||W_fused - (W + dW)|| / ||dW|| mean {layers['mean_error']:.3f} "
+                     f"(max {layers['max_error']:.3f}; worst: {worst})")
+    e2e = report.get("end_to_end")
+    if e2e:
+        ratio = "n/a" if e2e["ratio"] is None else f"{e2e['ratio']:.3f}"
+        lines.append(f"end to end ({e2e['rows']} validation rows, {e2e['positions']} answer tokens, float32): "
+                     f"KL(trained || fused) {e2e['kl_trained_vs_fused']:.4g} vs KL(trained || base) "
+                     f"{e2e['kl_trained_vs_base']:.4g}: ratio {ratio} (0 = fine-tune kept, 1 = lost; "
+                     f"warn above {MAX_KL_RATIO})")
+    return lines
+
+
+def lost_message(report: dict, dequantized: bool, rebased: bool) -> str:
+    e2e = report["end_to_end"]
+    how = "rebase" if rebased else ("--de-quantize" if dequantized else "--no-dequantize (re-quantized W + dW)")
+    return (f"the fused model ({how}) is not much closer to base + adapter than the base is: "
+            f"KL(trained || fused) {e2e['kl_trained_vs_fused']:.4g} is {e2e['ratio']:.0%} of "
+            f"KL(trained || base) {e2e['kl_trained_vs_base']:.4g}; most of the fine-tune was lost at fusion. "
+            + BETTER_OPTIONS + ".")
