@@ -79,7 +79,18 @@ def convert_to_gguf(cfg) -> GGUFResult:
                    f"{native_stats['transcoded']} tensors transcoded, max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
     parameters = gguf_parameters(source)
 
-    _remove_stale(out, cfg.run, set(files.values()))
+    keep = set(files.values())
+    adapter = None
+    if cfg.gguf.adapter_gguf:
+        from ..adapter_gguf import adapter_gguf_path, paired_base_path, write_adapter_gguf
+
+        keep |= {adapter_gguf_path(cfg), paired_base_path(cfg)}
+    _remove_stale(out, cfg.run, keep)
+    if cfg.gguf.adapter_gguf:
+        click.echo("[adapter] LoRA GGUF (llama.cpp convert_lora_to_gguf.py) + the base GGUF it pairs with")
+        adapter = write_adapter_gguf(cfg)
+        click.echo(f"      {Path(adapter['adapter_gguf']).name} on {Path(adapter['base_gguf']).name} "
+                   f"(base {'reused' if adapter['base']['reused'] else 'written'})")
     table = [{"type": t, "file": files[t].name, "size_bytes": files[t].stat().st_size,
               "bits_per_weight": round(files[t].stat().st_size * 8 / parameters, 2), "seconds": timings[t]}
              for t in types]
@@ -88,7 +99,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
         inputs={"hf": str(hf), "model_type": model_type,
                 "hf_content_hash": hf_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(hf)},
         outputs={"files": {r["type"]: {**r, "path": str(files[r["type"]]), "sha256": sha256_file(files[r["type"]])}
-                           for r in table}},
+                           for r in table}, **({"adapter_gguf": adapter} if adapter else {})},
         parameters=parameters,
         native=native_stats,
         toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),

@@ -70,6 +70,9 @@ def verify_gguf(cfg) -> VerifyResult:
     _check_chain(read_manifest(paths.fused, "fuse"), read_manifest(paths.hf, "hf"), read_manifest(paths.gguf, "gguf"))
     llamacpp.check_runtime()
     files = sorted(paths.gguf.glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name))  # F16 first
+    from ..adapter_gguf import adapter_gguf_path, compare_with_mlx, is_adapter_output, paired_base_path
+
+    files = [p for p in files if not is_adapter_output(cfg, p)]  # base + LoRA is checked separately below
     if not files:
         raise MissingInputError(f"No .gguf files in {paths.gguf}. Run `make gguf` (or `mlx-pipeline gguf`) first.")
 
@@ -95,11 +98,20 @@ def verify_gguf(cfg) -> VerifyResult:
         for p in problems:
             click.secho(f"  FAIL {p}", fg="red")
     rows.append(mlx_row)
+    adapter_report = None
+    if adapter_gguf_path(cfg).is_file() and paired_base_path(cfg).is_file():
+        click.echo(f"\n{paired_base_path(cfg).name} + {adapter_gguf_path(cfg).name} vs MLX train base + adapter:")
+        adapter_report = compare_with_mlx(cfg, max_rows=cfg.verify.max_rows, max_samples=cfg.verify.max_samples)
+        a, b = adapter_report["gguf_base_lora"], adapter_report["gguf_base_alone"]
+        click.echo(f"  KL {a['kl']:.3g} (base alone {b['kl']:.3g}), top-1 {a['top1_percent']:.1f} %")
+        if a["kl"] > cfg.verify.f16_max_kl:
+            failures.append(f"{adapter_gguf_path(cfg).name}: KL {a['kl']:.3g} to MLX base + adapter exceeds "
+                            f"verify.f16_max_kl = {cfg.verify.f16_max_kl:g}.")
 
     primary = mlx_row.get("metric", {}).get("primary")
     report = {"rows_compared": len(ref.compared), "rows_answered": len(ref.answered), "primary_metric": primary,
               "f16_max_kl": cfg.verify.f16_max_kl, "passed": not failures, "failures": failures, "models": rows,
-              "notes": notes}
+              "notes": notes, "adapter_gguf": adapter_report}
     table = format_table(rows, primary)
     write_json(out / "report.json", report)
     write_text(out / "report.md", "# GGUF verification\n\n" + table + "\n" + "".join(f"\n> {n}\n" for n in notes)
