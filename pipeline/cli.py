@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .config import KEYS, _type_name, load_config
+from .config import KEYS, _type_name, default_of, load_config
 from .errors import PipelineError
 
 # command -> (module:function, config sections shown, config keys exposed as flags, summary)
@@ -106,7 +106,7 @@ def _option(key: str):
     f = KEYS[key]
     meta, kind = f.metadata, _type_name(f)
     flag = FLAG_NAMES.get(key, "--" + key.split(".")[-1].replace("_", "-"))
-    default = f.default if f.default_factory is None or not callable(f.default_factory) else f.default_factory()
+    default = default_of(f)
     extra = []
     if meta["env"]:
         extra.append(f"env {meta['env']}")

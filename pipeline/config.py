@@ -226,6 +226,10 @@ def iter_keys(cls=Config, prefix="") -> list[tuple[str, dataclasses.Field]]:
 KEYS = dict(iter_keys())
 
 
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _type_name(f: dataclasses.Field) -> str:
     return {"bool": "bool", "int": "int", "float": "float", "list": "list"}.get(
         f.type if isinstance(f.type, str) else f.type.__name__, "str"
@@ -329,8 +333,7 @@ def load_config(
     `cli` maps dotted keys ('train.rank') to values; None values mean "not given".
     """
     env = os.environ if env is None else env
-    values: dict[str, Any] = {k: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                              for k, f in KEYS.items()}
+    values: dict[str, Any] = {k: default_of(f) for k, f in KEYS.items()}
     origin = {k: "default" for k in KEYS}
 
     if yaml_path is not None:

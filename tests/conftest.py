@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+# Trained/fused tiny runs shared by the export tests (phases 07-10), registered here once.
+from export_fixtures import export_runs  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_CONFIGS = FIXTURES / "configs"

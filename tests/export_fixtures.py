@@ -4,8 +4,7 @@
 (4-bit, group 32) -> QLoRA train, with a learning rate high enough that the adapter changes the
 logits a lot (so "the adapter survived fusing" can be measured). `export_runs.fused(model_type,
 dequantize, dtype)` copies that run under its own run name and fuses it there, so every fuse
-mode keeps its own output. Import the fixture into a test module with
-`from export_fixtures import export_runs  # noqa: F401`.
+mode keeps its own output. tests/conftest.py registers the `export_runs` fixture for every module.
 """
 
 from __future__ import annotations

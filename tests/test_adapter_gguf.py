@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from export_fixtures import copy_run, export_runs, make_cfg  # noqa: F401
+from export_fixtures import copy_run, make_cfg
 from pipeline.errors import PipelineError
 
 
 @pytest.fixture(scope="module")
-def adapter_run(export_runs):  # noqa: F811
+def adapter_run(export_runs):
     from pipeline.adapter_gguf import write_adapter_gguf
 
     root = export_runs.trained("llama")
@@ -23,7 +23,7 @@ def adapter_run(export_runs):  # noqa: F811
     return cfg, write_adapter_gguf(cfg)
 
 
-def test_peft_delta_equals_mlx_delta(export_runs, tmp_path):  # noqa: F811
+def test_peft_delta_equals_mlx_delta(export_runs, tmp_path):
     import mlx.core as mx
     from safetensors.numpy import load_file
 
@@ -45,7 +45,7 @@ def test_peft_delta_equals_mlx_delta(export_runs, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", ["dora", "full"])
-def test_refuses_non_lora(export_runs, tmp_path, kind):  # noqa: F811
+def test_refuses_non_lora(export_runs, tmp_path, kind):
     from pipeline.adapter_gguf import mlx_to_peft
 
     src = export_runs.trained("llama") / "t" / "adapters"
@@ -105,7 +105,7 @@ def test_reuses_current_base(adapter_run):
     assert again["adapter_sha256"] == first["adapter_sha256"]
 
 
-def test_gguf_and_verify_phases_carry_the_lora(export_runs, tmp_path):  # noqa: F811
+def test_gguf_and_verify_phases_carry_the_lora(export_runs, tmp_path):
     """`mlx-pipeline gguf --adapter-gguf` writes the pair; `verify` measures base + LoRA, not as a model."""
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
     from pipeline.phases.p10_verify_gguf import verify_gguf

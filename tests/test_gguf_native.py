@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from export_fixtures import export_runs  # noqa: F401
 from gguf_fixtures import make_cfg, make_run
 
 from pipeline.errors import PipelineError
@@ -41,7 +40,7 @@ def _quantized_copy(src: Path, dst: Path, bits: int, group: int) -> Path:
     return dst
 
 
-def native_run(key: str, tmp_path_factory, tiny_hf_model, export_runs):  # noqa: F811
+def native_run(key: str, tmp_path_factory, tiny_hf_model, export_runs):
     """(cfg, GGUFResult, native stats, native path) for one kind of quantized run, once per session."""
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
 
@@ -65,7 +64,7 @@ def native_run(key: str, tmp_path_factory, tiny_hf_model, export_runs):  # noqa:
 
 
 @pytest.mark.parametrize("key", ["trained-q4-g32", "q4-g64", "q5-g32", "granite-q4-g64"])
-def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_hf_model, export_runs):  # noqa: F811
+def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_hf_model, export_runs):
     import gguf
     import mlx.core as mx
 
@@ -144,7 +143,7 @@ def _kl(llm, model, ids_list) -> float:
 
 
 @pytest.mark.parametrize("key", ["trained-q4-g32", "q4-g64"])
-def test_native_runs_in_llama_cpp_closer_than_q8_0(key, tmp_path_factory, tiny_hf_model, export_runs):  # noqa: F811
+def test_native_runs_in_llama_cpp_closer_than_q8_0(key, tmp_path_factory, tiny_hf_model, export_runs):
     from pipeline import llamacpp
     from pipeline.modeling import load_model
     from pipeline.phases.p10_verify_gguf import gguf_metadata, load_gguf
@@ -169,7 +168,7 @@ def test_native_runs_in_llama_cpp_closer_than_q8_0(key, tmp_path_factory, tiny_h
     assert 3 * kl["native"] <= kl["Q4_K_M"], kl
 
 
-def test_refuses_dense_models_and_other_architectures(tmp_path, tmp_path_factory, tiny_hf_model, export_runs):  # noqa: F811
+def test_refuses_dense_models_and_other_architectures(tmp_path, tmp_path_factory, tiny_hf_model, export_runs):
     cfg, result, _, _ = native_run("q4-g64", tmp_path_factory, tiny_hf_model, export_runs)
     f16 = result.files["F16"]
     out = tmp_path / "out.gguf"
@@ -190,7 +189,7 @@ def test_refuses_dense_models_and_other_architectures(tmp_path, tmp_path_factory
     assert not out.exists() and not list(tmp_path.glob(".out.gguf*"))
 
 
-def test_phase_09_writes_the_native_file_with_native_flag(tmp_path, tmp_path_factory, tiny_hf_model, export_runs):  # noqa: F811
+def test_phase_09_writes_the_native_file_with_native_flag(tmp_path, tmp_path_factory, tiny_hf_model, export_runs):
     """`mlx-pipeline gguf --native` (alias --no-dequantize): the hook in phase 09, size table and manifest."""
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from export_fixtures import ARCHS, copy_run, export_runs, make_cfg, max_abs, mlx_logits, rms  # noqa: F401
+from export_fixtures import ARCHS, copy_run, make_cfg, max_abs, mlx_logits, rms
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.phases.p03_quantize_base_model import quantize_base_model

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import fixture_config
-from export_fixtures import ARCHS, PROMPTS, export_runs, make_cfg, mlx_logits  # noqa: F401
+from export_fixtures import ARCHS, PROMPTS, make_cfg, mlx_logits
 from pipeline import arch, cli
 from pipeline.phases.p07_fuse_lora import TOKENIZER_FILES
 from pipeline.phases.p08_convert_to_hf import INDEX, convert_to_hf

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import types
 from dataclasses import dataclass
@@ -86,8 +87,6 @@ def train_lora(cfg, resume: bool = False) -> TrainResult:
     work = paths.root / ".adapters.partial"
     start_step = _resume_step(model, work) if resume else 0
     if not resume and work.exists():
-        import shutil
-
         shutil.rmtree(work)
     (work / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     adapter_config = {
