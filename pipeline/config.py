@@ -153,7 +153,6 @@ class GGUFConfig:
         "(no second quantization; needs a --no-dequantize fuse).",
     )
     adapter_gguf: bool = opt(False, "Also write the adapter as a llama.cpp LoRA GGUF (use with the base GGUF).")
-    imatrix: bool = opt(False, "Compute an importance matrix on the training split and pass it to the quantizer.")
 
 
 @dataclass
