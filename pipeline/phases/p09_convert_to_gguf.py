@@ -13,18 +13,22 @@ Output: models/<run>/gguf/<run>-<TYPE>.gguf, and manifest.json with the size tab
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
 
-from .. import arch, gguf_native, llamacpp
+from .. import arch, gguf_native, imatrix, llamacpp
 from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, hash_model_dir, human_size, sha256_file
 from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
 from ..modeling import read_config
 from ..paths import RunPaths
 from .common import done, start_phase
+
+
+# Types llama.cpp quantizes without looking at an importance matrix.
+NO_IMATRIX = {"Q8_0", "F16", "BF16", "F32"}
 
 
 @dataclass
@@ -40,9 +44,13 @@ def convert_to_gguf(cfg) -> GGUFResult:
     paths = RunPaths(cfg)
     llamacpp.require_converter()
     llamacpp.check_runtime()
-    native = None  # "<Q4_1|Q5_1>-native": MLX's quantized weights transcoded, not quantized again
-    if cfg.gguf.native:  # fail before a long export when the fused model cannot be transcoded
-        native = f"{gguf_native.check_native_source(paths.fused)}-native"
+    native, native_paths = None, None  # "<Q4_1|Q5_1>-native": MLX's quantized weights, not quantized again
+    if cfg.gguf.native:  # fail before a long export when there is nothing to transcode
+        native_paths, native_type = _native_source(cfg, paths)
+        native = f"{native_type}-native"
+    if cfg.gguf.imatrix:
+        for name in llamacpp.TOOLS:  # fail early, naming how to build them
+            llamacpp.tool(name)
     hf = _hf_input(cfg, paths)
     hf_manifest = read_manifest(hf, "hf")
     model_type = check_convertible(hf)
@@ -50,29 +58,44 @@ def convert_to_gguf(cfg) -> GGUFResult:
     out = paths.gguf
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
     types = list(dict.fromkeys([cfg.gguf.outtype.upper(), *cfg.gguf.quantizations]))
+    imatrix_types = [t for t in types[1:] if t not in NO_IMATRIX] if cfg.gguf.imatrix else []
     files = {t: out / f"{cfg.run}-{t}.gguf" for t in types}
-    steps = len(types) + (1 if native else 0)
+    total = len(types) + len(imatrix_types) + bool(imatrix_types) + bool(native)
+    steps = iter(range(1, total + 1))
     timings: dict[str, float] = {}
-    native_stats = None
+    native_stats = imatrix_stats = None
 
     source = files[types[0]]
-    for i, t in enumerate(types, start=1):
+    for t in types:
         t0 = time.time()
         with atomic_path(files[t], suffix=".gguf") as tmp:
             if t == types[0]:
-                _step(i, steps, t, f"llama.cpp's converter on {hf}")
+                _step(next(steps), total, t, f"llama.cpp's converter on {hf}")
                 _convert(hf, tmp, cfg.gguf.outtype)
             else:
-                _step(i, steps, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
+                _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
                 llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
         timings[t] = round(time.time() - t0, 2)
         click.echo(f"      {human_size(files[t].stat().st_size)} in {timings[t]:.1f} s")
+    if imatrix_types:
+        _step(next(steps), total, "imatrix", f"llama-imatrix over {paths.data}/train.jsonl through the chat template")
+        imatrix_stats = _make_imatrix(cfg, paths, hf, source)
+        for t in imatrix_types:
+            name = f"{t}-imatrix"
+            files[name] = out / f"{cfg.run}-{name}.gguf"
+            t0 = time.time()
+            _step(next(steps), total, name, "llama-quantize --imatrix")
+            with atomic_path(files[name], suffix=".gguf") as tmp:
+                imatrix.quantize_with_imatrix(source, tmp, t, paths.imatrix / "imatrix.gguf", cfg.gguf.threads)
+            timings[name] = round(time.time() - t0, 2)
+            types.append(name)
+            click.echo(f"      {human_size(files[name].stat().st_size)} in {timings[name]:.1f} s")
     if native:
         t0 = time.time()
         files[native] = out / f"{cfg.run}-{native}.gguf"
-        _step(steps, steps, native, f"MLX's quantized weights of {paths.fused} as GGUF blocks (no second quantization)")
-        native_stats = gguf_native.write_native_gguf(paths.fused, source, files[native])
-        native_stats.pop("tensors", None)
+        _step(next(steps), total, native, f"MLX's quantized weights of {native_paths.fused} as GGUF blocks "
+                                          "(no second quantization)")
+        native_stats = _write_native(cfg, native_paths, source, files[native])
         timings[native] = round(time.time() - t0, 2)
         types.append(native)
         click.echo(f"      {human_size(files[native].stat().st_size)} in {timings[native]:.1f} s: "
@@ -102,12 +125,58 @@ def convert_to_gguf(cfg) -> GGUFResult:
                            for r in table}, **({"adapter_gguf": adapter} if adapter else {})},
         parameters=parameters,
         native=native_stats,
+        imatrix=imatrix_stats,
         toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),
                    "quantizer": str(llamacpp.quantize_binary() or "llama_cpp.llama_model_quantize")},
     )
     click.echo(format_table(table, parameters))
     done(f"GGUF files ready in {out}")
     return GGUFResult(out, files, table, parameters)
+
+
+def _native_source(cfg, paths: RunPaths) -> tuple[RunPaths, str]:
+    """Where the native GGUF comes from: fused/ when it kept MLX's quantization; for a QLoRA run
+    fused --de-quantize, a second fuse of the same adapter without de-quantizing (fused-native/)."""
+    fused = paths.fused
+    dequantized = (fused / MANIFEST).is_file() and read_manifest(fused, "fuse").get("dequantized") is True
+    if dequantized and cfg.quantize.enabled and (paths.quantized / MANIFEST).is_file():
+        return RunPaths(cfg, "native"), gguf_native.check_native_source(paths.quantized)
+    return paths, gguf_native.check_native_source(fused)
+
+
+def _write_native(cfg, native_paths: RunPaths, f16_of_fused: Path, dst: Path) -> dict:
+    """The native GGUF. When fused/ is de-quantized, the adapter is fused a second time without
+    de-quantizing (fused-native/, hf-native/) and transcoded from there, with its own F16 file."""
+    if native_paths.fused == RunPaths(cfg).fused:  # fused/ itself kept the quantization
+        stats = gguf_native.write_native_gguf(native_paths.fused, f16_of_fused, dst)
+    else:
+        from .p07_fuse_lora import fuse
+        from .p08_convert_to_hf import convert_to_hf
+
+        click.echo(f"      fused/ is de-quantized: fusing again with --no-dequantize into {native_paths.fused}")
+        fuse(replace(cfg, fuse=replace(cfg.fuse, dequantize=False, rebase=False, strict=False)), native_paths)
+        convert_to_hf(cfg, native_paths)
+        f16 = native_paths.hf / ".source-F16.gguf"  # the transcoder's template file, not an output
+        try:
+            _convert(native_paths.hf, f16, "f16")
+            stats = gguf_native.write_native_gguf(native_paths.fused, f16, dst)
+        finally:
+            f16.unlink(missing_ok=True)
+    stats.pop("tensors", None)
+    return {**stats, "source": str(native_paths.fused)}
+
+
+def _make_imatrix(cfg, paths: RunPaths, hf: Path, model_gguf: Path) -> dict:
+    """The training split through the chat template, then llama-imatrix over it with the F16 model."""
+    folder = paths.imatrix
+    calib = imatrix.calibration_text(paths.data, hf, folder / "calibration.txt")
+    click.echo(f"      {calib['rows']} training rows, {calib['tokens']:,} tokens")
+    stats = imatrix.compute_imatrix(model_gguf, folder / "calibration.txt", folder / "imatrix.gguf",
+                                    calib["tokens"], cfg.gguf.imatrix_chunk_tokens, cfg.gguf.imatrix_chunks,
+                                    cfg.gguf.threads)
+    click.echo(f"      {stats['chunks']} chunks x {stats['chunk_tokens']} tokens in {stats['seconds']:.1f} s "
+               f"(F16 perplexity on the training text {stats['perplexity']})")
+    return {**calib, **stats, "path": str(folder / "imatrix.gguf"), "sha256": sha256_file(folder / "imatrix.gguf")}
 
 
 def _hf_input(cfg, paths: RunPaths) -> Path:

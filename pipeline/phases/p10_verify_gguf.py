@@ -29,6 +29,11 @@ from ..fsio import human_size, sha256_file, write_json, write_text
 from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
 from ..metrics import score_answers
 from ..paths import RunPaths
+# Chat templates are untrusted input: compiled and rendered in pipeline/untrusted's sandbox, under
+# time and size limits (`_jinja` is the compiled template, cached per text).
+from ..untrusted import check_gguf
+from ..untrusted.chat_template import compile_template as _jinja  # noqa: F401
+from ..untrusted.chat_template import render_chat
 from .common import done, start_phase
 
 UNQUANTIZED = ("F32", "F16", "BF16")
@@ -97,16 +102,23 @@ def verify_gguf(cfg) -> VerifyResult:
         failures += [f"{path.name}: {p}" for p in problems]
         for p in problems:
             click.secho(f"  FAIL {p}", fg="red")
-    rows.append(mlx_row)
     adapter_report = None
     if adapter_gguf_path(cfg).is_file() and paired_base_path(cfg).is_file():
-        click.echo(f"\n{paired_base_path(cfg).name} + {adapter_gguf_path(cfg).name} vs MLX train base + adapter:")
+        base_gguf, lora = paired_base_path(cfg), adapter_gguf_path(cfg)
+        click.echo(f"\n{base_gguf.name} + {lora.name} vs MLX train base + adapter:")
         adapter_report = compare_with_mlx(cfg, max_rows=cfg.verify.max_rows, max_samples=cfg.verify.max_samples)
         a, b = adapter_report["gguf_base_lora"], adapter_report["gguf_base_alone"]
         click.echo(f"  KL {a['kl']:.3g} (base alone {b['kl']:.3g}), top-1 {a['top1_percent']:.1f} %")
+        rows.append({"file": f"{base_gguf.name} + {lora.name}", "type": "F16 + LoRA",
+                     "size_bytes": base_gguf.stat().st_size + lora.stat().st_size, "perplexity": None, **a})
         if a["kl"] > cfg.verify.f16_max_kl:
-            failures.append(f"{adapter_gguf_path(cfg).name}: KL {a['kl']:.3g} to MLX base + adapter exceeds "
+            failures.append(f"{lora.name}: KL {a['kl']:.3g} to MLX base + adapter exceeds "
                             f"verify.f16_max_kl = {cfg.verify.f16_max_kl:g}.")
+    rows.append(mlx_row)
+    fused_manifest = read_manifest(paths.fused, "fuse")
+    for r in rows:
+        r["path"] = export_path(r["file"], fused_manifest)
+    notes += imatrix_notes(rows, primary=mlx_row.get("metric", {}).get("primary"))
 
     primary = mlx_row.get("metric", {}).get("primary")
     report = {"rows_compared": len(ref.compared), "rows_answered": len(ref.answered), "primary_metric": primary,
@@ -247,51 +259,13 @@ def load_gguf(path: Path, n_ctx: int, seed: int):
     """llama.cpp's runtime on a GGUF, every position's logits kept; a failure names the file's problem."""
     import llama_cpp
 
+    check_gguf(path)  # every count and offset checked before llama.cpp's reader sees the file
     with llamacpp.captured_log() as log:
         try:
             return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, seed=seed)
         except (ValueError, RuntimeError, OSError) as e:
             raise PipelineError(f"does not load in llama.cpp ({e}):\n{llamacpp.log_tail(log, 6)}") from None
 
-
-def render_chat(template: str, messages: list[dict], special_tokens: dict, add_generation_prompt: bool = False) -> str:
-    import jinja2
-
-    try:
-        return _jinja(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens)
-    except jinja2.TemplateError as e:
-        raise PipelineError(f"its chat template does not render ({type(e).__name__}: {e}).") from None
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def _jinja(template: str):
-    """Compile a chat template as transformers does, in an immutable sandbox: it is untrusted input."""
-    if template not in _COMPILED:
-        from datetime import datetime
-
-        import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class Generation(Extension):  # {% generation %}: transformers' assistant-mask tag, rendered as is
-            tags = {"generation"}
-
-            def parse(self, parser):
-                lineno = next(parser.stream).lineno
-                body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-                return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-        _COMPILED[template] = env.from_string(template)
-    return _COMPILED[template]
 
 
 def _greedy(llm, prompt: str, max_tokens: int) -> str:
@@ -403,13 +377,43 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def export_path(file: str, fused_manifest: dict) -> str:
+    """How a verified file was made from the trained adapter, for the side-by-side table."""
+    if file.endswith("(MLX)"):
+        return "MLX fused (reference)"
+    if " + " in file:
+        return "LoRA GGUF on the de-quantized training base"
+    if file.endswith("-native.gguf"):
+        return "fuse --no-dequantize, MLX blocks transcoded (no 2nd quantization)"
+    fuse = ("fuse --rebase" if fused_manifest.get("rebased")
+            else "fuse --de-quantize" if fused_manifest.get("dequantized") else "fuse --no-dequantize")
+    return fuse + (" + imatrix" if file.endswith("-imatrix.gguf") else "")
+
+
+def imatrix_notes(rows: list[dict], primary: str | None) -> list[str]:
+    """What the importance matrix changed: each <TYPE>-imatrix file against the plain <TYPE> one."""
+    by_file = {r["file"]: r for r in rows}
+    notes = []
+    for r in rows:
+        plain = by_file.get(r["file"].replace("-imatrix.gguf", ".gguf"))
+        if not r["file"].endswith("-imatrix.gguf") or not plain or r["kl"] is None or plain["kl"] is None:
+            continue
+        change = (r["kl"] - plain["kl"]) / plain["kl"] * 100 if plain["kl"] else 0.0
+        note = (f"imatrix: {plain['file']} KL {plain['kl']:.3g} -> {r['kl']:.3g} with the importance matrix "
+                f"({change:+.0f} %)")
+        if primary and "metric" in r and "metric" in plain:
+            note += f", {primary} {plain['metric'][primary]:.1f} -> {r['metric'][primary]:.1f} %"
+        notes.append(note + ".")
+    return notes
+
+
 def format_table(rows: list[dict], primary: str | None) -> str:
-    head = "| file | type | size | KL(MLX‖GGUF) | top-1 % | perplexity |" + (f" {primary} % |" if primary else "")
-    lines = [head, "|---|---|---|---|---|---|" + ("---|" if primary else "")]
+    head = "| file | made by | type | size | KL(MLX‖GGUF) | top-1 % | perplexity |" + (f" {primary} % |" if primary else "")
+    lines = [head, "|---|---|---|---|---|---|---|" + ("---|" if primary else "")]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        line = (f"| {r['file']} | {r['type']} | {human_size(r['size_bytes'])} | {fmt(r['kl'], '.3g')} | "
-                f"{fmt(r['top1_percent'], '.1f')} | {fmt(r['perplexity'], '.3f')} |")
+        line = (f"| {r['file']} | {r.get('path', '')} | {r['type']} | {human_size(r['size_bytes'])} | "
+                f"{fmt(r['kl'], '.3g')} | {fmt(r['top1_percent'], '.1f')} | {fmt(r.get('perplexity'), '.3f')} |")
         if primary:
             line += f" {fmt(r.get('metric', {}).get(primary), '.1f')} |"
         lines.append(line)
