@@ -2,6 +2,7 @@
 # make train fuse gguf     train, fuse (DEQUANTIZE=1 for full precision), export GGUF and verify it
 # make train               everything train needs, then train (CONFIG=configs/<x>.yaml to switch)
 # TEST_MODE=1 make train   a few-iteration smoke run (outputs in models/<run>-test/)
+# make train RESUME=1       continue an interrupted training run from its newest checkpoint
 # make test                set up and run the test suite (what CI runs)
 #
 # Each phase writes models/<run>/<output>/manifest.json last; targets key on those files,
@@ -72,7 +73,7 @@ $(RUNDIR)/base-quantized/manifest.json: $(RUNDIR)/base/manifest.json
 
 train: $(RUNDIR)/adapters/manifest.json
 $(RUNDIR)/adapters/manifest.json: $(RUNDIR)/data/manifest.json $(RUNDIR)/base-quantized/manifest.json
-	$(CLI) train $(ARGS)
+	$(CLI) train $(ARGS) $(if $(filter 1 true yes on,$(RESUME)),--resume)
 
 eval: $(RUNDIR)/eval/manifest.json
 $(RUNDIR)/eval/manifest.json: $(RUNDIR)/adapters/manifest.json

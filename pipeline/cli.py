@@ -41,8 +41,9 @@ COMMANDS = {
         ["quantize", "train", "data"],
         ["quantize.enabled", "train.fine_tune_type", "train.rank", "train.alpha", "train.dropout",
          "train.targets", "train.num_layers", "train.iters", "train.batch_size", "train.learning_rate",
+         "train.lr_schedule", "train.warmup_steps", "train.min_learning_rate",
          "train.mask_prompt", "train.steps_per_report", "train.steps_per_eval", "train.val_batches",
-         "train.save_every", "train.grad_checkpoint", "train.compute_dtype"],
+         "train.save_every", "train.keep_checkpoints", "train.grad_checkpoint", "train.compute_dtype"],
         "04 Train a LoRA / DoRA adapter or fully fine-tune, on the quantized (QLoRA) or full base.",
     ),
     "eval": (
@@ -142,8 +143,9 @@ def make_command(name: str, extra_options=(), call_kwargs=lambda kw: {}):
             cfg = load_config(config, cli)
             result = _call(target, cfg, **call_kwargs(extra))
         except PipelineError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+            code = getattr(e, "exit_code", 2)  # 130/143: training stopped by Ctrl-C/SIGTERM, resumable
+            click.secho(f"error: {e}" if code == 2 else str(e), fg="red" if code == 2 else "yellow", err=True)
+            sys.exit(code)
         return result
 
     command.__doc__ = summary
@@ -174,8 +176,12 @@ main.add_command(make_command("base"))
 main.add_command(make_command("quantize"))
 main.add_command(make_command("train", [
     click.option("--resume", "resume", is_flag=True, default=False,
-                 help="Start from the newest adapter checkpoint of this run (weights only)."),
-], lambda kw: {"resume": kw["resume"]}))
+                 help="Continue exactly from the newest complete checkpoint of this run (weights, optimizer, "
+                      "step, schedule, random state, data order); after a finished run, continue to a larger "
+                      "--iters. Refused when the config, base model or data changed."),
+    click.option("--force-resume", "force_resume", is_flag=True, default=False,
+                 help="With --resume: continue even though the config, base model or data changed."),
+], lambda kw: {"resume": kw["resume"] or kw["force_resume"], "force_resume": kw["force_resume"]}))
 main.add_command(make_command("eval", [
     click.option("--skip-base", is_flag=True, default=False, help="Score only base + adapter."),
 ], lambda kw: {"skip_base": kw["skip_base"]}))

@@ -87,12 +87,20 @@ class TrainConfig:
     num_layers: int = opt(16, "Adapt the last N layers (-1 or more than the model has: all).", minimum=-1)
     iters: int = opt(200, "Optimizer steps.", env="ITERS", minimum=1)
     batch_size: int = opt(4, "Sequences per step.", minimum=1)
-    learning_rate: float = opt(2e-4, "Adam learning rate.", minimum=0.0)
+    learning_rate: float = opt(2e-4, "Adam learning rate (the peak, with a schedule).", minimum=0.0)
+    lr_schedule: str = opt(
+        "constant",
+        "Learning rate after warmup: constant, or cosine decay to min_learning_rate at train.iters.",
+        choices=["constant", "cosine"],
+    )
+    warmup_steps: int = opt(0, "Steps of linear warmup from 0 to learning_rate (0: none).", minimum=0)
+    min_learning_rate: float = opt(0.0, "Learning rate the cosine schedule ends at.", minimum=0.0)
     mask_prompt: bool = opt(True, "Train only on the answer tokens (chat/completions data).")
     steps_per_report: int = opt(10, "Steps between training-loss reports.", minimum=1)
     steps_per_eval: int = opt(50, "Steps between validation-loss reports.", minimum=1)
     val_batches: int = opt(8, "Validation batches per report (-1: the whole split).", minimum=-1)
-    save_every: int = opt(50, "Steps between adapter checkpoints.", minimum=1)
+    save_every: int = opt(50, "Steps between resumable checkpoints (one is also written at the end).", minimum=1)
+    keep_checkpoints: int = opt(3, "Newest checkpoints kept in adapters/checkpoints/ (0: all).", minimum=0)
     grad_checkpoint: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     compute_dtype: str = opt(
         "auto",

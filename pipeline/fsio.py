@@ -1,43 +1,151 @@
-"""Writing outputs so that a crash never leaves a truncated file under the final name."""
+"""Writing outputs so that a crash never leaves a truncated file under the final name.
+
+Every writer goes through `atomic_path`: it writes `.NAME.tmp-PID[suffix]` next to the final
+name, fsyncs it and renames it into place (then fsyncs the folder, so the rename itself is
+durable). A crash leaves at most a temporary, which the next write into that folder removes
+(`clean_stale`). Disk-full errors are turned into one message naming the path and the numbers.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
+from .errors import PipelineError
+
+# Temporaries this process is writing right now: never stale, even if an earlier process had our PID.
+_ACTIVE: set[Path] = set()
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+FIX = "Free some space there, or set MODELS_DIR (--output-dir) to a disk with room, and run it again."
+
+
+class DiskFullError(PipelineError):
+    """Not enough room for an output, found before writing or while writing."""
+
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, suffix: str = ""):
+def atomic_path(final: str | os.PathLike, suffix: str = "", expected_bytes: int | None = None,
+                what: str | None = None):
     """Yield a temporary path next to `final`; move it into place only if the block succeeds.
 
     Works for a file or a folder. `suffix` keeps an extension that writers append
-    (MLX adds `.safetensors` to names that lack it).
+    (MLX adds `.safetensors` to names that lack it). `expected_bytes`: checked against the free
+    space before anything is written, and used to report the shortfall if the disk fills up.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(final.parent)
+    if expected_bytes is not None:
+        ensure_free_space(final.parent, expected_bytes, what or str(final))
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}{suffix}"
     _remove(tmp)
+    _ACTIVE.add(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+            _fsync_tree(tmp)  # data on disk before the rename can expose it
+        except DiskFullError as e:  # from a nested write: name our final path, not its temporary
+            raise DiskFullError(str(e).replace(str(tmp), str(final))) from None
+        except Exception as e:
+            if is_disk_full(e):
+                raise _full_error(final, tmp, e, expected_bytes) from None
+            raise
         if tmp.is_dir():
             replace_dir(tmp, final)
         else:
             os.replace(tmp, final)
+            _fsync_dir(final.parent)
     finally:
+        _ACTIVE.discard(tmp)
         _remove(tmp)
 
 
 def replace_dir(src: Path, final: Path) -> None:
-    """Move a finished folder to its final name, replacing the previous one only at the end."""
+    """Move a finished folder to its final name, replacing the previous one only at the end.
+
+    Two renames (POSIX cannot rename a folder over a non-empty one). A crash between them leaves
+    `.NAME.old-PID` and no NAME; `clean_stale` then puts the previous folder back.
+    """
+    src, final = Path(src), Path(final)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(src, final)
-    _remove(old)
+    _ACTIVE.add(old)
+    try:
+        if final.exists():
+            os.replace(final, old)
+        os.replace(src, final)
+        _fsync_dir(final.parent)
+        _remove(old)
+    finally:
+        _ACTIVE.discard(old)
+
+
+def clean_stale(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporaries left in `folder` by writers that died (their PID is gone).
+
+    A `.NAME.old-PID` whose NAME is missing is the previous output of a folder swap that was cut
+    between its two renames: it is moved back rather than deleted.
+    """
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    cleaned = []
+    for p in entries:
+        m = _STALE.match(p.name)
+        if not m or p in _ACTIVE or _alive(int(m["pid"])):
+            continue
+        final = p.parent / m["name"]
+        if m["kind"] == "old" and not final.exists() and not final.is_symlink():
+            os.replace(p, final)
+        else:
+            _remove(p)
+        cleaned.append(p)
+    return cleaned
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():  # not in _ACTIVE: left by an earlier process that had our PID
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True
+
+
+def _fsync_tree(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        for root, _, files in os.walk(p):
+            for f in files:
+                _fsync_file(Path(root) / f)
+            _fsync_dir(Path(root))
+    elif p.is_file():
+        _fsync_file(p)
+
+
+def _fsync_file(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(p: Path) -> None:
+    try:
+        _fsync_file(p)
+    except OSError:  # some file systems refuse fsync on a folder; the rename is still atomic
+        pass
 
 
 def _remove(p: Path):
@@ -47,17 +155,111 @@ def _remove(p: Path):
         p.unlink()
 
 
+def _size(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.is_file() else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Free space
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free for us on the disk holding `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def needed_bytes(expected_bytes: int) -> int:
+    """The expected size plus a margin (5 %, plus up to 16 MB): estimates are not exact."""
+    return int(expected_bytes * 1.05) + min(int(expected_bytes), 16 << 20)
+
+
+def ensure_free_space(target_dir: str | os.PathLike, expected_bytes: int, what: str) -> None:
+    """Fail before writing when `what` (about `expected_bytes`) will not fit in `target_dir`.
+
+    The previous output stays until the new one is complete, so it does not count as free.
+    """
+    free, needed = free_bytes(target_dir), needed_bytes(expected_bytes)
+    if free < needed:
+        raise DiskFullError(
+            f"Not enough free disk space for {what} in {target_dir}: it needs about "
+            f"{human_size(expected_bytes)} ({expected_bytes:,} bytes; {needed:,} with a safety margin), "
+            f"and {human_size(free)} ({free:,} bytes) is free there: short by {needed - free:,} bytes. "
+            f"Nothing was written. {FIX}"
+        )
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in _FULL_ERRNOS
+    # MLX's C++ writer reports a short write as RuntimeError("[write] Unable to write N bytes to file.")
+    return isinstance(e, RuntimeError) and "unable to write" in str(e).lower()
+
+
+def _full_error(final: Path, tmp: Path, e: BaseException, expected: int | None) -> DiskFullError:
+    import resource
+
+    written = _size(tmp)
+    _remove(tmp)  # so the free space reported is what the user really has
+    free = free_bytes(final.parent)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    need = (f" It needs about {expected:,} bytes: short by {max(expected - written, 0):,} bytes."
+            if expected else "")
+    cap = f"; the file-size limit (ulimit -f) is {limit:,} bytes" if limit != resource.RLIM_INFINITY else ""
+    return DiskFullError(
+        f"Could not write {final}: the disk is full or a file-size limit was reached after "
+        f"{written:,} bytes ({e}).{need} Free on that disk now: {free:,} bytes{cap}. "
+        f"Nothing was written under {final.name} (a previous version is unchanged). {FIX}"
+    )
+
+
+def check_not_inside(output: str | os.PathLike, input_: str | os.PathLike, what: str) -> None:
+    """Refuse an output folder inside the input folder (or the input inside the output, which the
+    phase replaces): a re-run would read its own output, or delete its input."""
+    out, inp = Path(output).resolve(), Path(input_).resolve()
+    if out == inp or inp in out.parents:
+        raise PipelineError(
+            f"The output folder {output} is inside {what} {input_}. Outputs must not be written into an "
+            f"input folder: set MODELS_DIR (--output-dir) to a folder outside {input_}."
+        )
+    if out in inp.parents:
+        raise PipelineError(
+            f"{what} {input_} is inside the output folder {output}, which this phase replaces. "
+            "Move the input out of it first."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Writers
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path, expected_bytes=len(data)) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_text(path: str | os.PathLike, text: str):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, data) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def jsonl_text(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def write_jsonl(path: str | os.PathLike, rows) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, jsonl_text(rows))
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes and sizes
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -68,15 +270,42 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model folder's content hash covers: its weights and config.json."""
+    path = Path(path)
+    return [f for f in sorted(list(path.glob("*.safetensors")) + [path / "config.json"]) if f.exists()]
+
+
 def hash_model_dir(path: str | os.PathLike) -> str:
     """Content identity of a model folder: its weights and config.json, not its file dates."""
-    path = Path(path)
-    files = sorted(list(path.glob("*.safetensors")) + [path / "config.json"])
     h = hashlib.sha256()
-    for f in files:
-        if f.exists():
-            h.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    for f in model_files(path):
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
     return h.hexdigest()
+
+
+def safetensors_numel(path: str | os.PathLike) -> int:
+    """Parameters in a folder's safetensors, from their headers alone (nothing loaded)."""
+    n = 0
+    for f in Path(path).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for k, v in header.items():
+            if k != "__metadata__":
+                n += math.prod(v["shape"])
+    return n
+
+
+# Bits per weight of a GGUF type, an upper bound: small models keep embeddings/output at higher precision
+# (SmolLM2-135M measured: Q8_0 8.6, Q5_K_M 6.7, Q4_K_M 6.3); plus the tokenizer and metadata per file.
+_GGUF_BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 9.0, "Q6_K": 7.0, "Q5_K_M": 7.0, "Q5_K_S": 7.0,
+             "Q5_0": 7.0, "Q5_1": 7.0, "Q4_K_M": 7.0, "Q4_K_S": 7.0, "Q4_0": 7.0, "Q4_1": 7.0}
+
+
+def gguf_size_estimate(hf_dir: str | os.PathLike, types) -> int:
+    """Bytes that GGUF files of `types` made from a Hugging Face folder will take, at most."""
+    n = safetensors_numel(hf_dir)
+    return int(sum(n * _GGUF_BPW.get(t.upper().split("-")[0], 16) / 8 + (16 << 20) for t in types))
 
 
 def dir_size(path: str | os.PathLike, pattern: str = "*") -> int:

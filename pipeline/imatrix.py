@@ -60,7 +60,7 @@ def compute_imatrix(model_gguf: Path, text_file: Path, out: Path, tokens: int, c
                "-ofreq", str(10 ** 6)] + (["-t", str(threads)] if threads else [])
         log = _run_with_progress(cmd, chunks)
         if not tmp.is_file():
-            raise PipelineError(f"llama-imatrix wrote no file:\n{llamacpp._tail(log)}")
+            raise PipelineError(f"llama-imatrix wrote no file:\n{llamacpp.log_tail([log])}")
     ppl = _DONE.findall(log)
     return {"chunks": chunks, "chunk_tokens": chunk_tokens, "tokens_used": chunks * chunk_tokens,
             "perplexity": float(ppl[-1][1]) if ppl else None, "seconds": round(time.time() - t0, 1)}
@@ -77,11 +77,11 @@ def _run_with_progress(cmd: list[str], chunks: int) -> str:
         seen = _DONE.findall(text[-4096:])
         if seen:
             bar.n = min(int(seen[-1][0]), chunks)
-            bar.set_postfix(ppl=seen[-1][1])
+            bar.set_postfix(ppl=seen[-1][1], refresh=False)
             bar.refresh()
     bar.close()
     if proc.wait() != 0:
-        raise PipelineError(f"llama-imatrix failed (exit {proc.returncode}):\n{llamacpp._tail(text)}")
+        raise PipelineError(f"llama-imatrix failed (exit {proc.returncode}):\n{llamacpp.log_tail([text])}")
     return text
 
 
@@ -90,6 +90,6 @@ def quantize_with_imatrix(src: Path, dst: Path, type_name: str, imatrix: Path, t
     cmd = [str(llamacpp.tool("llama-quantize")), "--imatrix", str(imatrix), str(src), str(dst), type_name.upper()]
     proc = subprocess.run(cmd + ([str(threads)] if threads else []), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise PipelineError(f"llama-quantize --imatrix failed for {type_name}:\n{llamacpp._tail(proc.stderr or proc.stdout)}")
+        raise PipelineError(f"llama-quantize --imatrix failed for {type_name}:\n{llamacpp.log_tail([proc.stderr or proc.stdout])}")
     if "imatrix" not in (proc.stdout + proc.stderr).lower():
         click.secho(f"warning: llama-quantize did not report loading {imatrix.name}", fg="yellow")

@@ -9,6 +9,7 @@ mode keeps its own output. tests/conftest.py registers the `export_runs` fixture
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,24 @@ def copy_run(output_dir: Path, run: str) -> Path:
     if not dst.exists():
         shutil.copytree(output_dir / "t", dst, ignore=shutil.ignore_patterns("fused", "hf", "checkpoints"))
     return dst
+
+
+def shrink_adapter(run: Path, factor: float = 1e-3) -> Path:
+    """Scale run's trained adapter (lora_b) by `factor`, re-recording it in the adapter's manifest
+    as if training had produced it (phases refuse an adapter edited behind its manifest)."""
+    import mlx.core as mx
+
+    from pipeline.fsio import sha256_file
+
+    path = run / "adapters" / "adapters.safetensors"
+    weights = {k: v * factor if k.endswith("lora_b") else v for k, v in mx.load(str(path)).items()}
+    mx.save_safetensors(str(path), weights)
+    manifest_path = run / "adapters" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["outputs"]["adapter_file"]["sha256"] = sha256_file(path)
+    manifest.pop("file_stats", None)
+    manifest_path.write_text(json.dumps(manifest))
+    return run
 
 
 class ExportRuns:

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from export_fixtures import ARCHS, copy_run, make_cfg, max_abs, mlx_logits, rms
+from export_fixtures import ARCHS, copy_run, make_cfg, max_abs, mlx_logits, rms, shrink_adapter
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.phases.p03_quantize_base_model import quantize_base_model
@@ -101,13 +101,8 @@ def test_fused_folder_is_a_complete_model(export_runs):
 
 def test_warns_when_requantization_buries_a_small_adapter(export_runs, capsys):
     """Scale the trained adapter down 1000x: re-quantization then rounds it into noise."""
-    import mlx.core as mx
-
     root = export_runs.trained("llama")
-    run = copy_run(root, "tiny-delta")
-    path = run / "adapters" / "adapters.safetensors"
-    weights = {k: v * 1e-3 if k.endswith("lora_b") else v for k, v in mx.load(str(path)).items()}
-    mx.save_safetensors(str(path), weights)
+    shrink_adapter(copy_run(root, "tiny-delta"))
     result = fuse(make_cfg(root, run="tiny-delta"))
     assert result.delta_error > 1
     assert "Fuse with --de-quantize" in capsys.readouterr().out

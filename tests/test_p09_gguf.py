@@ -13,9 +13,10 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_fixtures import ALL_TYPES, converted_run, copy_run, make_cfg, make_run
+from gguf_fixtures import ALL_TYPES, converted_run, copy_run, make_cfg, make_run, rerecord
 
 from pipeline import cli, llamacpp
 from pipeline.config import load_config
@@ -105,6 +106,7 @@ def test_unsupported_model_type_fails_early_with_the_supported_list(tmp_path, ti
     config_path = tmp_path / "t" / "hf" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    rerecord(config_path.parent)
     started = time.time()
     with pytest.raises(PipelineError, match=r"Unsupported model_type 'mistral'. Supported: llama, granite, granitemoehybrid"):
         convert_to_gguf(cfg)
@@ -112,16 +114,18 @@ def test_unsupported_model_type_fails_early_with_the_supported_list(tmp_path, ti
 
     # Known to the registry, but an architecture class llama.cpp's converter has none of.
     config_path.write_text(json.dumps({**config, "architectures": ["LlamaForSomethingElse"]}))
+    rerecord(config_path.parent)
     with pytest.raises(PipelineError, match=r"cannot convert architecture 'LlamaForSomethingElse'.*Supported model types: llama"):
         convert_to_gguf(cfg)
     assert {"LlamaForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM"} <= llamacpp.converter_architectures()
 
 
-def test_converter_error_shows_its_output_and_leaves_no_file(tmp_path, tiny_hf_model):
+def test_damaged_weights_are_named_before_the_converter_runs_and_leave_no_file(tmp_path, tiny_hf_model):
     cfg = make_run(tmp_path, tiny_hf_model("llama"))
     weights = tmp_path / "t" / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated safetensors
-    with pytest.raises(PipelineError, match=r"(?s)llama.cpp's converter failed on .*hf \(exit 1\). Its last lines:\n.*Error"):
+    rerecord(weights.parent)
+    with pytest.raises(PipelineError, match=r"model.safetensors: header length .* runs past the end of the file"):
         convert_to_gguf(cfg)
     out = tmp_path / "t" / "gguf"
     assert not list(out.glob("*.gguf")) and not list(out.glob(".*")) and not (out / "manifest.json").exists()
@@ -166,3 +170,18 @@ def test_fetch_extracts_only_the_converter_atomically(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="not a llama-cpp-python sdist"):
         llamacpp.fetch_converter(bad)
     assert not list((tmp_path / "cache").iterdir())  # nothing half-extracted
+
+
+def test_converter_error_shows_its_output_and_leaves_no_file(tmp_path, tiny_hf_model):
+    from safetensors.numpy import load_file, save_file
+
+    cfg = make_run(tmp_path, tiny_hf_model("llama"))
+    weights = tmp_path / "t" / "hf" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.0.mystery.weight"] = np.zeros((4, 4), np.float32)  # valid file, unmappable name
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    rerecord(weights.parent)
+    with pytest.raises(PipelineError, match=r"(?s)llama.cpp's converter failed on .*hf \(exit 1\). Its last lines:\n.*mystery"):
+        convert_to_gguf(cfg)
+    out = tmp_path / "t" / "gguf"
+    assert not list(out.glob("*.gguf")) and not list(out.glob(".*")) and not (out / "manifest.json").exists()

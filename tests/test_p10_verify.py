@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_fixtures import converted_run, copy_run, make_cfg, make_run, rewrite_gguf
+from gguf_fixtures import converted_run, copy_run, make_cfg, make_run, rerecord, rewrite_gguf
 
 from pipeline import cli
 from pipeline.errors import MissingInputError, PipelineError
+from pipeline.fsio import hash_model_dir
 from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
 from pipeline.phases.p10_verify_gguf import verify_gguf
 
@@ -50,7 +51,7 @@ def test_gguf_matches_mlx_per_architecture(tmp_path_factory, tiny_hf_model, mode
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["rows_compared"] == 3 and len(report["models"]) == 5
     md = (out / "report.md").read_text()
-    assert "| t-F16.gguf | F16 |" in md and "| fused/ (MLX) | MLX |" in md and "PASSED" in md
+    assert "| t-F16.gguf | fused/ | F16 |" in md and "| fused/ (MLX) | MLX fused (reference) | MLX |" in md and "PASSED" in md
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["inputs"]["gguf"]) == ["t-F16.gguf", "t-Q4_K_M.gguf", "t-Q5_K_M.gguf", "t-Q8_0.gguf"]
 
@@ -95,8 +96,9 @@ def test_verify_fails_on_template_tokenizer_and_broken_files(tmp_path, tmp_path_
     assert "t-template.gguf: its chat template differs from the trained model's" in message
     assert "named Bob, trained" in message and "named SmolLM, trained" in message
     assert "t-tokens.gguf: llama.cpp tokenizes differently from the trained model's tokenizer (test row 0" in message
-    assert "t-truncated.gguf: does not load in llama.cpp" in message
-    assert "junk.gguf: does not load in llama.cpp" in message
+    # Refused by the header validator (pipeline/untrusted/gguf_header.py) before llama.cpp reads them.
+    assert "t-truncated.gguf: is not a valid GGUF, not loaded" in message
+    assert "junk.gguf: is not a valid GGUF, not loaded" in message
     assert "t-F16.gguf" not in message
 
     report = json.loads((tmp_path / "t" / "verify" / "report.json").read_text())
@@ -114,7 +116,9 @@ def test_verify_fails_on_template_tokenizer_and_broken_files(tmp_path, tmp_path_
 
 
 def test_verify_fails_when_the_gguf_no_longer_matches_the_mlx_model(tmp_path, tmp_path_factory, tiny_hf_model):
-    """The fused model changed after export (say, re-fused with a new adapter): F16 KL exceeds 1e-3."""
+    """A GGUF that does not compute what the MLX model computes, though every manifest says it was
+    made from it (an export bug): F16 KL exceeds 1e-3. Simulated by changing the fused weights and
+    re-recording the manifests (an edit behind them is refused earlier, by the hash checks)."""
     import mlx.core as mx
 
     cfg, gguf = _f16_only_copy(tmp_path_factory, tiny_hf_model, tmp_path, **{"verify.max_samples": 0})
@@ -123,6 +127,13 @@ def test_verify_fails_when_the_gguf_no_longer_matches_the_mlx_model(tmp_path, tm
     name = "model.layers.0.mlp.down_proj.weight"
     tensors[name] = tensors[name] + 0.05 * mx.random.normal(tensors[name].shape, key=mx.random.key(0))
     mx.save_safetensors(str(weights), tensors, metadata={"format": "pt"})
+    with pytest.raises(PipelineError, match=r"changed since"):
+        verify_gguf(cfg)
+    rerecord(weights.parent)
+    hf_manifest = tmp_path / "t" / "hf" / "manifest.json"
+    data = json.loads(hf_manifest.read_text())
+    data["inputs"]["fused"]["content_hash"] = hash_model_dir(weights.parent)
+    hf_manifest.write_text(json.dumps(data))
     with pytest.raises(PipelineError, match=r"t-F16.gguf: F16 KL divergence .* exceeds verify.f16_max_kl = 0.001"):
         verify_gguf(cfg)
     kl = json.loads((tmp_path / "t" / "verify" / "report.json").read_text())["models"][0]["kl"]
@@ -132,10 +143,11 @@ def test_verify_fails_when_the_gguf_no_longer_matches_the_mlx_model(tmp_path, tm
 def test_verify_refuses_ggufs_of_an_earlier_fused_model(tmp_path, tmp_path_factory, tiny_hf_model):
     """Re-fused after export (manifests say so): verify names the stale chain instead of measuring it."""
     cfg, _ = _f16_only_copy(tmp_path_factory, tiny_hf_model, tmp_path, **{"verify.max_samples": 0})
-    manifest = tmp_path / "t" / "fused" / "manifest.json"
-    data = json.loads(manifest.read_text())
-    data["outputs"]["content_hash"] = "0" * 64
-    manifest.write_text(json.dumps(data))
+    config = tmp_path / "t" / "fused" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "re_fused": True}))
+    with pytest.raises(PipelineError, match=r"changed since"):  # edited behind its manifest
+        verify_gguf(cfg)
+    rerecord(config.parent)  # as a new `make fuse` would record it
     with pytest.raises(PipelineError, match=r"not made from the current fused model.*make gguf"):
         verify_gguf(cfg)
 

@@ -66,8 +66,9 @@ def test_qlora_chain_per_architecture(trained, model_type):
     assert [r["step"] for r in log if "train_loss" in r] == [2, 4]
     assert all(math.isfinite(r.get("train_loss", 0)) for r in log)
     assert (out / "adapters" / "loss.png").stat().st_size > 1000
-    assert sorted(p.name for p in (out / "adapters" / "checkpoints").iterdir()) == [
-        "0000002_adapters.safetensors", "0000004_adapters.safetensors"]
+    assert sorted(p.name for p in (out / "adapters" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert sorted(p.name for p in (out / "adapters" / "checkpoints" / "step-0000004").iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "manifest.json", "optimizer.safetensors", "state.json"]
     assert not (out / ".adapters.partial").exists()
     assert 0 < result.parameters["trainable"] < result.parameters["total"]
     assert result.parameters["total"] == result.parameters["trainable"] + result.parameters["frozen"]
@@ -117,7 +118,7 @@ def test_resume_continues_from_the_newest_checkpoint(trained, tmp_path):
     run = Path(cfg.output_dir) / "t"
     partial = run / ".adapters.partial"
     shutil.copytree(run / "adapters", partial)
-    (partial / "checkpoints" / "0000004_adapters.safetensors").unlink()
+    shutil.rmtree(partial / "checkpoints" / "step-0000004")
     resumed = load_config(None, {**cfg_values(cfg), "train.iters": 6}, env={})
     train_lora(resumed, resume=True)
     manifest = json.loads((run / "adapters" / "manifest.json").read_text())

@@ -12,9 +12,10 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from export_fixtures import copy_run, make_cfg, max_abs, mlx_logits
+from export_fixtures import copy_run, make_cfg, max_abs, mlx_logits, shrink_adapter
 from pipeline import cli
 from pipeline.errors import PipelineError
+from pipeline.fsio import hash_model_dir
 from pipeline.phases.p07_fuse_lora import fuse
 
 FLOAT32_TOL = 1e-4  # float32 summation order only (as in test_p07_fuse)
@@ -67,6 +68,11 @@ def test_rebase_refused_when_quantized_base_was_made_from_another_base(export_ru
                                                      "base_content_hash": _manifest(run / "base")["outputs"]["content_hash"]}}))
     config = json.loads((run / "base" / "config.json").read_text())
     (run / "base" / "config.json").write_text(json.dumps({**config, "rope_theta": 12345.0}))
+    with pytest.raises(PipelineError, match="changed since"):  # edited behind its manifest
+        fuse(make_cfg(root, run="rebase-other", fuse__rebase=True))
+    bm = run / "base" / "manifest.json"  # as if phase 02 had fetched another base since
+    bm.write_text(json.dumps({**_manifest(run / "base"), "outputs": {
+        **_manifest(run / "base")["outputs"], "content_hash": hash_model_dir(run / "base")}}))
     with pytest.raises(PipelineError, match="--rebase refused"):
         fuse(make_cfg(root, run="rebase-other", fuse__rebase=True))
     assert not (run / "fused").exists()
@@ -90,11 +96,7 @@ def test_survival_report_for_dequantize_fuse(export_runs):
 
 
 def _tiny_adapter_run(root, name):
-    run = copy_run(root, name)
-    path = run / "adapters" / "adapters.safetensors"
-    weights = {k: v * 1e-3 if k.endswith("lora_b") else v for k, v in mx.load(str(path)).items()}
-    mx.save_safetensors(str(path), weights)
-    return run
+    return shrink_adapter(copy_run(root, name))
 
 
 def test_tiny_adapter_warns_and_strict_refuses(export_runs, capsys):

@@ -1,4 +1,4 @@
-"""What every phase does first: say what it is and print its resolved config."""
+"""What every phase does first: say what it is, print its resolved config, clear crash leftovers."""
 
 from __future__ import annotations
 
@@ -7,13 +7,27 @@ import time
 import click
 
 from ..config import Config, format_config
+from ..fsio import clean_stale
+from ..paths import RunPaths
 
 
 def start_phase(cfg: Config, title: str, sections: list[str]) -> float:
     click.secho(f"== {title} (run '{cfg.run}') ==", bold=True)
     click.echo("resolved config:")
     click.echo(format_config(cfg, sections))
+    clean_run_folder(cfg)
     return time.time()
+
+
+def clean_run_folder(cfg: Config) -> None:
+    """Temporaries of an interrupted run (its process is gone) in the run folder and its phase
+    folders; each write also cleans its own folder (fsio.atomic_path)."""
+    root = RunPaths(cfg).root
+    folders = [root, *(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))] if root.is_dir() else []
+    cleaned = [p for f in folders for p in clean_stale(f)]
+    if cleaned:
+        click.echo(f"cleaned up {len(cleaned)} leftover(s) of an interrupted run: "
+                   + ", ".join(str(p) for p in cleaned))
 
 
 def done(message: str) -> None:

@@ -20,8 +20,8 @@ from ..data.formats import read_rows, to_messages
 from ..data.sample_task import NAME as SAMPLE_NAME
 from ..data.sample_task import generate_rows
 from ..errors import DataError
-from ..fsio import sha256_file, write_jsonl
-from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..fsio import atomic_path, check_not_inside, jsonl_text, sha256_file
+from ..manifest import read_manifest, write_manifest
 from ..paths import RunPaths
 from .common import done, start_phase
 
@@ -200,6 +200,8 @@ def _handle_overlong(splits, lengths, tokenizer, cfg, fmt) -> tuple[dict, dict]:
 def prepare_data(cfg) -> PrepareResult:
     started = start_phase(cfg, "01 prepare data", ["data"])
     out_dir = RunPaths(cfg).data
+    if cfg.data.source != "sample" and (source := Path(cfg.data.source).expanduser()).exists():
+        check_not_inside(out_dir, source, "data.source")
 
     splits, fmt, inputs, duplicates = load_input(cfg)
     in_train = _deduplicate(splits, duplicates)
@@ -217,30 +219,33 @@ def prepare_data(cfg) -> PrepareResult:
 
     stats = {s: split_stats(lengths[s]) for s in SPLITS}
     removed = {"duplicates": duplicates, "in_train": in_train, "overlong": {k: v for k, v in dropped.items() if v}}
-    outputs = _write(out_dir, splits)
-    write_manifest(
-        out_dir, "01_prepare_data", cfg, started, inputs=inputs, outputs=outputs, stats=stats, format=fmt,
-        removed=removed,
-        overlong={"policy": cfg.data.overlong, "max_seq_length": cfg.data.max_seq_length,
-                  "truncated": {k: v for k, v in truncated.items() if v}},
-    )
+    texts = {s: jsonl_text(r for _, r in splits[s]) for s in SPLITS if splits[s]}
+    # The whole folder is written under a temporary name and swapped in complete, manifest included:
+    # a crash leaves the previous splits or none, never a mix of old and new.
+    with atomic_path(out_dir, expected_bytes=sum(len(t.encode()) for t in texts.values()),
+                     what="the data splits") as tmp:
+        outputs = _write(tmp, out_dir, texts)
+        write_manifest(
+            tmp, "01_prepare_data", cfg, started, inputs=inputs, outputs=outputs, stats=stats, format=fmt,
+            removed=removed,
+            overlong={"policy": cfg.data.overlong, "max_seq_length": cfg.data.max_seq_length,
+                      "truncated": {k: v for k, v in truncated.items() if v}},
+        )
     _summary(out_dir, fmt, stats, removed, truncated, cfg)
     return PrepareResult(out_dir, {s: len(splits[s]) for s in SPLITS}, stats, fmt, removed)
 
 
-def _write(out_dir: Path, splits: dict[str, list[Item]]) -> dict:
-    # An old manifest would vouch for half-rewritten files if we crash below: remove it first.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+def _write(tmp: Path, out_dir: Path, texts: dict[str, str]) -> dict:
+    tmp.mkdir()
     outputs = {}
     for s in SPLITS:
-        path = out_dir / f"{s}.jsonl"
-        if not splits[s]:
+        if s not in texts:
             # mlx-lm fails on an empty .jsonl (it reads the format from row 0): leave it out.
-            path.unlink(missing_ok=True)
             outputs[s] = {"path": None, "rows": 0, "sha256": None}
             continue
-        write_jsonl(path, [r for _, r in splits[s]])
-        outputs[s] = {"path": str(path), "rows": len(splits[s]), "sha256": sha256_file(path)}
+        f = tmp / f"{s}.jsonl"
+        f.write_bytes(texts[s].encode())
+        outputs[s] = {"path": str(out_dir / f.name), "rows": texts[s].count("\n"), "sha256": sha256_file(f)}
     return outputs
 
 

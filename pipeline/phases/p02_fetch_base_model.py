@@ -19,7 +19,7 @@ import click
 from .. import arch
 from ..embedded import embedded_gguf
 from ..errors import MissingInputError, PipelineError
-from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
+from ..fsio import atomic_path, check_not_inside, dir_size, hash_model_dir, human_size, write_json
 from ..manifest import write_manifest
 from ..paths import RunPaths
 from ..untrusted import check_gguf, check_safetensors
@@ -44,7 +44,7 @@ def fetch_base_model(cfg) -> FetchResult:
     started = start_phase(cfg, "02 fetch base model", ["model"])
     out = RunPaths(cfg).base
     source = cfg.model.source
-    with atomic_path(out) as tmp:
+    with atomic_path(out, expected_bytes=_expected_bytes(source), what="the base model") as tmp:
         tmp.mkdir(parents=True)
         if source.startswith("embedded:"):
             info = import_gguf(embedded_gguf(source.split(":", 1)[1]), tmp, cfg.model.dtype)
@@ -55,6 +55,7 @@ def fetch_base_model(cfg) -> FetchResult:
                 raise MissingInputError(f"GGUF file not found: {path}. Check model.source / --model.")
             info = import_gguf(path, tmp, cfg.model.dtype)
         elif Path(source).exists():
+            check_not_inside(out, source, "model.source")
             info = copy_local(Path(source), tmp)
         elif _looks_like_repo_id(source):
             info = download_hub(source, cfg.model.revision, tmp)
@@ -76,6 +77,19 @@ def fetch_base_model(cfg) -> FetchResult:
         click.echo(f"config.json: {c}")
     done(f"base model ready: {out} ({human_size(size)})")
     return FetchResult(out, info, changes, size)
+
+
+def _expected_bytes(source: str) -> int | None:
+    """What 02 will write, for the free-space check: a folder's weights; a GGUF imported to
+    16-bit takes about twice a Q8_0 file (more for 4-bit files: the disk-full error covers it)."""
+    if source.startswith("embedded:"):
+        return 2 * embedded_gguf(source.split(":", 1)[1]).stat().st_size
+    path = Path(source)
+    if path.is_file():
+        return 2 * path.stat().st_size
+    if path.is_dir():
+        return dir_size(path, "*.safetensors")
+    return None  # a Hub repo: size unknown before the download
 
 
 def _read_json(path: Path) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import PipelineError
-from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
+from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, is_disk_full, safetensors_numel
 from ..modeling import check_weight_files
 from ..manifest import read_manifest, write_manifest
 from ..paths import RunPaths
@@ -37,12 +37,16 @@ def quantize_base_model(cfg) -> QuantizeResult:
     out = paths.quantized
     q = cfg.quantize
     check_weight_files(paths.base)
-    with atomic_path(out) as tmp:
+    # Upper bound: bits per weight plus a scale and a bias per group, at most 32-bit each.
+    expected = int(safetensors_numel(paths.base) * (q.bits + 64 / q.group_size) / 8)
+    with atomic_path(out, expected_bytes=expected, what=f"the {q.bits}-bit quantized model") as tmp:
         # convert() refuses an existing folder, so it writes a fresh one inside our temporary.
         target = tmp / "model"
         try:
             convert(str(paths.base), str(target), quantize=True, q_group_size=q.group_size, q_bits=q.bits)
         except (ValueError, RuntimeError, OSError) as e:
+            if is_disk_full(e):
+                raise  # atomic_path names the path and the shortfall
             raise PipelineError(
                 f"mlx-lm could not quantize {paths.base}: {e}. If a weight file is damaged, "
                 "delete the folder and run `make base` again."

@@ -4,13 +4,21 @@ QLoRA trains on the quantized base. On the CPU backend the quantized layers are 
 dense layers holding their dequantized values (same function, BLAS speed, see
 modeling.dequantize_layers); the adapter then loads unchanged onto the quantized model.
 Work happens in models/<run>/.adapters.partial/ and is moved to adapters/ when complete.
+
+Every train.save_every steps (and at the end) a complete checkpoint is written to
+checkpoints/step-NNNNNNN/ (pipeline/checkpoints.py); `resume=True` continues from the newest one
+exactly: weights, optimizer state, step and learning-rate schedule, random state, data order.
+Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop (TrainingInterrupted).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 import types
 from dataclasses import dataclass
@@ -20,14 +28,14 @@ from pathlib import Path
 import click
 
 from .. import arch
+from .. import checkpoints as ckpt
+from ..checkpoints import CHECKPOINTS
 from ..errors import DataError, PipelineError
-from ..fsio import atomic_path, replace_dir, write_json
-from ..manifest import read_manifest, write_manifest
+from ..fsio import atomic_path, replace_dir, sha256_file, write_json, write_jsonl
+from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..paths import RunPaths
 from ..runtime import backend_name, compute_dtype
 from .common import done, start_phase
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -41,9 +49,19 @@ class TrainResult:
     peak_memory_gb: float
 
 
-def train_lora(cfg, resume: bool = False) -> TrainResult:
+class TrainingInterrupted(PipelineError):
+    """Ctrl-C or SIGTERM stopped training after a step; a complete checkpoint was saved.
+
+    The CLI exits with `exit_code` (128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: Path, exit_code: int):
+        super().__init__(message)
+        self.step, self.checkpoint, self.exit_code = step, checkpoint, exit_code
+
+
+def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainResult:
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
 
     from ..modeling import count_parameters, load_model
@@ -59,6 +77,17 @@ def train_lora(cfg, resume: bool = False) -> TrainResult:
             "Full fine-tuning updates every weight and cannot run on a quantized base. "
             "Set quantize.enabled: false (or --no-quantized / QUANTIZE=0), or use LoRA (USE_LORA=1)."
         )
+    dtype_name = str(compute_dtype(t.compute_dtype)).replace("mlx.core.", "")
+    fp = ckpt.fingerprint(cfg, base_manifest["outputs"]["content_hash"], paths.data, dtype_name)
+    work = paths.root / ".adapters.partial"
+    start, forced = None, []
+    if resume:
+        found = _resume_point(cfg, paths, work, fp, force_resume)
+        if isinstance(found, TrainResult):
+            return found
+        start, forced = found
+    elif work.exists():
+        shutil.rmtree(work)
 
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -84,10 +113,6 @@ def train_lora(cfg, resume: bool = False) -> TrainResult:
     )
 
     train_set, valid_set = _datasets(paths.data, tokenizer, t)
-    work = paths.root / ".adapters.partial"
-    start_step = _resume_step(model, work) if resume else 0
-    if not resume and work.exists():
-        shutil.rmtree(work)
     (work / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     adapter_config = {
         "fine_tune_type": t.fine_tune_type,
@@ -101,13 +126,36 @@ def train_lora(cfg, resume: bool = False) -> TrainResult:
             "model_type": config["model_type"],
             "quantization": config.get("quantization"),
         },
-        "compute_dtype": str(compute_dtype(t.compute_dtype)).replace("mlx.core.", ""),
+        "compute_dtype": dtype_name,
         "seed": cfg.seed,
     }
     write_json(work / "adapter_config.json", adapter_config)
+    inputs = {
+        "base": adapter_config["base_model"],
+        "data": {k: v.get("sha256") for k, v in data_manifest["outputs"].items()},
+    }
 
-    optimizer = optim.Adam(learning_rate=t.learning_rate)
-    log = _loop(model, optimizer, train_set, valid_set, t, work, start_step, cfg.seed, cfg.data.max_seq_length)
+    optimizer = _optimizer(t)
+    optimizer.init(model.trainable_parameters())  # the state tree exists before a checkpoint fills it
+    resume_state = None
+    if start is not None:
+        ckpt.load_weights_and_optimizer(start, model, optimizer)
+        if forced and t.lr_schedule == "constant" and not t.warmup_steps:
+            optimizer.learning_rate = t.learning_rate  # forced onto a new constant rate
+        resume_state = dict(start.state(), strict=not forced)
+
+    def save(step: int, state: dict) -> Path:
+        path = ckpt.save_checkpoint(work / CHECKPOINTS, step, model, optimizer, dict(state, fingerprint=fp),
+                                    work / "adapter_config.json", cfg, started, inputs)
+        ckpt.prune(work / CHECKPOINTS, t.keep_checkpoints)
+        return path
+
+    if t.grad_checkpoint:  # mlx-lm's: recompute each layer's activations in the backward pass
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    log = _loop(model, optimizer, train_set, valid_set, cfg, work, save, resume_state)
+    _save_adapter(model, work / "adapters.safetensors")
 
     _plot(log, work / "loss.png")
     train_losses = [r["train_loss"] for r in log if "train_loss" in r]
@@ -122,16 +170,19 @@ def train_lora(cfg, resume: bool = False) -> TrainResult:
         tokens_per_second=round(sum(speeds) / max(len(speeds), 1), 1),
         peak_memory_gb=round(peak, 3),
     )
+    extra = {"forced_resume_changes": forced} if forced else {}
     write_manifest(
         work, "04_train_lora", cfg, started,
-        inputs={
-            "base": adapter_config["base_model"],
-            "data": {k: v.get("sha256") for k, v in data_manifest["outputs"].items()},
-        },
-        outputs={"adapter": str(paths.adapters / "adapters.safetensors"), "log": "train_log.jsonl", "plot": "loss.png"},
+        inputs=inputs,
+        outputs={"adapter": str(paths.adapters / "adapters.safetensors"), "log": "train_log.jsonl", "plot": "loss.png",
+                 "checkpoints": [c.path.name for c in ckpt.complete_checkpoints(work / CHECKPOINTS)],
+                 # checked by read_manifest when 05/07 read the adapter (pipeline/manifest.py)
+                 "adapter_file": {"path": str(paths.adapters / "adapters.safetensors"),
+                                  "sha256": sha256_file(work / "adapters.safetensors")}},
         backend=backend_name(),
         result=result,
-        resumed_from_step=start_step,
+        resumed_from_step=start.step if start is not None else 0,
+        **extra,
     )
     replace_dir(work, paths.adapters)
     done(
@@ -139,6 +190,71 @@ def train_lora(cfg, resume: bool = False) -> TrainResult:
         f"(val loss {result['first_val_loss']} -> {result['final_val_loss']}; loss curve {paths.adapters}/loss.png)"
     )
     return TrainResult(paths.adapters, **result)
+
+
+def _optimizer(t):
+    """Adam on the configured schedule. Its step counter, saved in checkpoints, is the schedule's position."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    if t.lr_schedule == "constant" and not t.warmup_steps:
+        return optim.Adam(learning_rate=t.learning_rate)
+    if t.lr_schedule == "cosine":
+        after = optim.cosine_decay(t.learning_rate, max(t.iters - t.warmup_steps, 1), t.min_learning_rate)
+    else:
+        after = lambda step: mx.array(t.learning_rate, mx.float32)  # noqa: E731
+    if not t.warmup_steps:
+        return optim.Adam(learning_rate=after)
+    warmup = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+    return optim.Adam(learning_rate=optim.join_schedules([warmup, after], [t.warmup_steps]))
+
+
+def _resume_point(cfg, paths: RunPaths, work: Path, fp: dict, force: bool):
+    """The newest complete checkpoint and the fingerprint changes accepted by --force-resume,
+    or the finished run's result when there is nothing left to train.
+
+    Unfinished training (.adapters.partial/) is resumed first; without it, a finished run
+    (adapters/) continues to a larger train.iters.
+    """
+    t = cfg.train
+    finished = not work.exists()
+    source = paths.adapters if finished else work
+    if finished and not (paths.adapters / MANIFEST).is_file():
+        raise PipelineError(f"--resume: nothing to resume in {paths.root} (no unfinished training in "
+                            f"{work.name}/ and no finished adapters/). Start without --resume.")
+    if not finished:
+        for name in ckpt.remove_incomplete(work / CHECKPOINTS):
+            click.secho(f"--resume: ignoring incomplete checkpoint {name} (no manifest; deleted)", fg="yellow")
+    ckpts = ckpt.complete_checkpoints(source / CHECKPOINTS)
+    if not ckpts:
+        raise PipelineError(f"--resume: no complete checkpoint in {source / CHECKPOINTS} (written every "
+                            f"train.save_every = {t.save_every} steps and at the end). Start without --resume.")
+    last = ckpts[-1]
+    if finished and last.step >= t.iters:
+        click.echo(f"--resume: nothing to do, run '{cfg.run}' finished at step {last.step} "
+                   f"(train.iters {t.iters}). Raise --iters to train further.")
+        return TrainResult(paths.adapters, **json.loads((paths.adapters / MANIFEST).read_text())["result"])
+    if last.step > t.iters:
+        raise PipelineError(f"--resume: the newest checkpoint is at step {last.step}, past train.iters {t.iters}. "
+                            f"Pass --iters {last.step} or more.")
+    ckpt.verify_files(last)
+    changes = ckpt.fingerprint_changes(last.state()["fingerprint"], fp)
+    listed = "".join(f"\n  {c}" for c in changes)
+    if changes and not force:
+        raise PipelineError(
+            f"--resume refused: checkpoint {last.path} was trained with other settings or inputs:{listed}\n"
+            "Restore them, start without --resume, or pass --force-resume to continue anyway "
+            "(the result is then not what an uninterrupted run would give)."
+        )
+    if changes:
+        click.secho(f"--force-resume: continuing although{listed}", fg="yellow")
+    if finished:
+        click.echo(f"--resume: continuing the finished run from step {last.step} to train.iters {t.iters}")
+        shutil.copytree(paths.adapters, work, ignore=shutil.ignore_patterns(MANIFEST))
+        last = ckpt.Checkpoint(last.step, work / CHECKPOINTS / last.path.name)
+    click.echo(f"resuming from {last.path} (step {last.step}: weights, optimizer, learning-rate schedule, "
+               "random state, data order)")
+    return last, changes
 
 
 def _apply_lora(model, num_layers: int, lora_parameters: dict, use_dora: bool, targets: list[str]) -> None:
@@ -180,15 +296,6 @@ def _datasets(data_dir: Path, tokenizer, t):
             CacheDataset(create_dataset(valid_rows, tokenizer, options)))
 
 
-def _resume_step(model, work: Path) -> int:
-    ckpts = sorted((work / CHECKPOINTS).glob("*_adapters.safetensors")) if work.exists() else []
-    if not ckpts:
-        raise PipelineError(f"--resume: no checkpoint in {work / CHECKPOINTS}. Start without --resume.")
-    click.echo(f"resuming from {ckpts[-1].name} (adapter weights; optimizer state starts fresh)")
-    model.load_weights(str(ckpts[-1]), strict=False)
-    return int(ckpts[-1].name.split("_")[0])
-
-
 def _save_adapter(model, path: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -198,13 +305,21 @@ def _save_adapter(model, path: Path) -> None:
         mx.save_safetensors(str(tmp), weights)
 
 
-def _loop(model, optimizer, train_set, valid_set, t, work: Path, start_step: int, seed: int, max_len: int) -> list[dict]:
-    """The training loop: mlx-lm's batching, loss and evaluation; our progress, log and checkpoints."""
+def _loop(model, optimizer, train_set, valid_set, cfg, work: Path, save, resume_state: dict | None) -> list[dict]:
+    """The training loop: mlx-lm's batching, loss and evaluation; our progress, log and checkpoints.
+
+    `resume_state` (a checkpoint's state.json) restores the step, the MLX random key, the data
+    order's position, the loss accumulator and the log rows, so the run continues as if it had
+    not stopped. Ctrl-C / SIGTERM finish the current step, save a checkpoint and raise
+    TrainingInterrupted.
+    """
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
+    import numpy as np
+    from mlx_lm.tuner.trainer import default_loss, evaluate
     from tqdm import tqdm
 
+    t, seed, max_len = cfg.train, cfg.seed, cfg.data.max_seq_length
     state = [model.state, optimizer.state, mx.random.state]
     loss_and_grad = nn.value_and_grad(model, default_loss)
 
@@ -214,61 +329,113 @@ def _loop(model, optimizer, train_set, valid_set, t, work: Path, start_step: int
         optimizer.update(model, grad)
         return loss, ntoks
 
-    def validate():
+    def validate(at_step: int) -> float:
+        # The validation batches are drawn from numpy's global RNG: seed it from the step, so a
+        # step's validation loss does not depend on what ran before (or on a resume).
+        outer = np.random.get_state()
+        np.random.seed([seed % 2**32, at_step])
         model.eval()
-        loss = evaluate(model, valid_set, t.batch_size, t.val_batches, max_seq_length=max_len)
-        model.train()
-        return loss
+        try:
+            return evaluate(model, valid_set, t.batch_size, t.val_batches, max_seq_length=max_len)
+        finally:
+            model.train()
+            np.random.set_state(outer)
 
+    batches = ckpt.ResumableBatches(train_set, t.batch_size, max_len, seed)
+    start_step = 0
     log: list[dict] = []
+    acc = {"losses": [], "tokens": 0, "seconds": 0.0, "trained_tokens": 0}  # since the last report
+    if resume_state is not None:
+        start_step, log, acc = resume_state["step"], list(resume_state["log"]), dict(resume_state["accumulator"])
+        batches.restore(resume_state["data_order"], check=resume_state["strict"])
+        ckpt.set_mx_random_key(resume_state["mx_random_key"])
     log_path = work / "train_log.jsonl"
-    logf = open(log_path, "a" if start_step else "w")
+    write_jsonl(log_path, log)  # as of the checkpoint: rows of steps lost in a crash are dropped
+    logf = open(log_path, "a")
 
     def record(row):
         log.append(row)
         logf.write(json.dumps(row) + "\n")
         logf.flush()
 
-    batches = iterate_batches(train_set, t.batch_size, max_len, loop=True, seed=seed)
-    for _ in range(start_step):  # keep the data order of an uninterrupted run
-        next(batches)
+    def snapshot() -> dict:
+        return {"iters": t.iters, "mx_random_key": ckpt.mx_random_key(), "data_order": batches.state(),
+                "accumulator": acc, "log": log}
+
     model.train()
-    losses, ntoks, elapsed, trained = [], 0, 0.0, 0
     bar = tqdm(total=t.iters, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    for it in range(start_step + 1, t.iters + 1):
-        if it == start_step + 1 or it % t.steps_per_eval == 0 or it == t.iters:
-            val = validate()
-            record({"step": it - 1, "val_loss": round(val, 5)})
-            bar.write(f"step {it - 1:>5}  val loss {val:.3f}")
-        batch, lengths = next(batches)
-        tic = time.perf_counter()
-        loss, n = step(batch, lengths)
-        mx.eval(state, loss, n)
-        elapsed += time.perf_counter() - tic
-        losses.append(loss.item())
-        ntoks += n.item()
-        trained += n.item()
-        peak = mx.get_peak_memory() / 1e9
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{ntoks / max(elapsed, 1e-9):.0f}", peak=f"{peak:.2f}GB")
-        bar.update(1)
-        if it % t.steps_per_report == 0 or it == t.iters:
-            row = {
-                "step": it, "train_loss": round(sum(losses) / len(losses), 5),
-                "learning_rate": float(optimizer.learning_rate.item()),
-                "tokens_per_second": round(ntoks / max(elapsed, 1e-9), 1),
-                "trained_tokens": trained, "peak_memory_gb": round(peak, 3),
-            }
-            if not math.isfinite(row["train_loss"]):
-                raise PipelineError(f"training diverged at step {it} (loss {row['train_loss']}). Lower --learning-rate.")
-            record(row)
-            losses, ntoks, elapsed = [], 0, 0.0
-        if it % t.save_every == 0 or it == t.iters:
-            _save_adapter(model, work / "adapters.safetensors")
-            if it % t.save_every == 0:
-                _save_adapter(model, work / CHECKPOINTS / f"{it:07d}_adapters.safetensors")
-    bar.close()
-    logf.close()
+    try:
+        with _StopSignals() as stop:
+            for it in range(start_step + 1, t.iters + 1):
+                if it == 1 or it % t.steps_per_eval == 0 or it == t.iters:
+                    val = validate(it - 1)
+                    record({"step": it - 1, "val_loss": round(val, 5)})
+                    bar.write(f"step {it - 1:>5}  val loss {val:.3f}")
+                batch, lengths = next(batches)
+                tic = time.perf_counter()
+                loss, n = step(batch, lengths)
+                mx.eval(state, loss, n)
+                acc["seconds"] += time.perf_counter() - tic
+                acc["losses"].append(loss.item())
+                acc["tokens"] += n.item()
+                acc["trained_tokens"] += n.item()
+                peak = mx.get_peak_memory() / 1e9
+                tok_s = acc["tokens"] / max(acc["seconds"], 1e-9)
+                bar.set_postfix(loss=f"{acc['losses'][-1]:.3f}", tok_s=f"{tok_s:.0f}", peak=f"{peak:.2f}GB")
+                bar.update(1)
+                if it % t.steps_per_report == 0 or it == t.iters:
+                    row = {
+                        "step": it, "train_loss": round(sum(acc["losses"]) / len(acc["losses"]), 5),
+                        "learning_rate": float(optimizer.learning_rate.item()),
+                        "tokens_per_second": round(tok_s, 1),
+                        "trained_tokens": acc["trained_tokens"], "peak_memory_gb": round(peak, 3),
+                    }
+                    if not math.isfinite(row["train_loss"]):
+                        raise PipelineError(f"training diverged at step {it} (loss {row['train_loss']}). Lower --learning-rate.")
+                    record(row)
+                    acc.update(losses=[], tokens=0, seconds=0.0)
+                stopping = stop.signum  # read once: a signal arriving later stops after the next step
+                if it % t.save_every == 0 or it == t.iters or stopping:
+                    saved = save(it, snapshot())
+                    _save_adapter(model, work / "adapters.safetensors")
+                if stopping and it < t.iters:
+                    raise TrainingInterrupted(
+                        f"interrupted at step {it}; checkpoint saved to {saved}; resume with "
+                        "`make train RESUME=1` / `mlx-pipeline train --resume`",
+                        it, saved, 128 + stopping,
+                    )
+    finally:
+        bar.close()
+        logf.close()
     return log
+
+
+class _StopSignals:
+    """While training: the first Ctrl-C / SIGTERM asks the loop to save and stop after the current
+    step; the handlers then go back to the default action, so a second one ends the process at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s in self._previous:
+            signal.signal(s, signal.SIG_DFL)
+        # os.write: a signal handler must not re-enter a buffered stream the loop may be writing.
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                    "(press Ctrl-C again to abort at once)\n".encode())
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def _plot(log: list[dict], path: Path) -> None:

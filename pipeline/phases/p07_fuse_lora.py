@@ -98,7 +98,8 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     scale_bits = _scale_bits(model)
 
     out = paths.fused
-    with atomic_path(out) as tmp:
+    expected = sum(v.nbytes for _, v in tree_flatten(model.parameters()))  # what save_model writes
+    with atomic_path(out, expected_bytes=expected, what="the fused model") as tmp:
         save_model(tmp, model)
         save_config(dict(config), tmp / "config.json")
         copy_tokenizer_files(paths.base if (paths.base / "config.json").is_file() else base, tmp)

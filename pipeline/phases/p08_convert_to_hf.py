@@ -60,7 +60,8 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
         weights.pop("lm_head.weight", None)  # tied: transformers reuses embed_tokens
 
     out = paths.hf
-    with atomic_path(out) as tmp:
+    expected = sum(v.nbytes for v in weights.values())
+    with atomic_path(out, expected_bytes=expected, what=f"the Hugging Face export ({cfg.export.dtype})") as tmp:
         tmp.mkdir()
         shards = save_shards(weights, tmp, int(cfg.export.max_shard_gb * 1e9))
         write_json(tmp / "config.json", config)

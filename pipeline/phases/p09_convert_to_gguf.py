@@ -20,9 +20,9 @@ import click
 
 from .. import arch, gguf_native, imatrix, llamacpp
 from ..errors import MissingInputError, PipelineError
-from ..fsio import atomic_path, hash_model_dir, human_size, sha256_file
+from ..fsio import atomic_path, ensure_free_space, gguf_size_estimate, hash_model_dir, human_size, sha256_file
 from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
-from ..modeling import read_config
+from ..modeling import check_weight_files, read_config
 from ..paths import RunPaths
 from .common import done, start_phase
 
@@ -54,6 +54,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
     hf = _hf_input(cfg, paths)
     hf_manifest = read_manifest(hf, "hf")
     model_type = check_convertible(hf)
+    check_weight_files(hf)  # headers validated before the converter (or our size estimate) reads them
 
     out = paths.gguf
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
@@ -65,6 +66,8 @@ def convert_to_gguf(cfg) -> GGUFResult:
     timings: dict[str, float] = {}
     native_stats = imatrix_stats = None
 
+    ensure_free_space(out, gguf_size_estimate(hf, types + [f"{t}-imatrix" for t in imatrix_types]),
+                      f"the GGUF files ({', '.join(types)})")
     source = files[types[0]]
     for t in types:
         t0 = time.time()

@@ -259,7 +259,10 @@ def load_gguf(path: Path, n_ctx: int, seed: int):
     """llama.cpp's runtime on a GGUF, every position's logits kept; a failure names the file's problem."""
     import llama_cpp
 
-    check_gguf(path)  # every count and offset checked before llama.cpp's reader sees the file
+    try:  # every count and offset checked before llama.cpp's reader sees the file
+        check_gguf(path)
+    except PipelineError as e:
+        raise PipelineError(f"is not a valid GGUF, not loaded: {e}") from None
     with llamacpp.captured_log() as log:
         try:
             return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, seed=seed)
@@ -385,8 +388,9 @@ def export_path(file: str, fused_manifest: dict) -> str:
         return "LoRA GGUF on the de-quantized training base"
     if file.endswith("-native.gguf"):
         return "fuse --no-dequantize, MLX blocks transcoded (no 2nd quantization)"
-    fuse = ("fuse --rebase" if fused_manifest.get("rebased")
-            else "fuse --de-quantize" if fused_manifest.get("dequantized") else "fuse --no-dequantize")
+    dequantized = fused_manifest.get("dequantized")
+    fuse = ("fuse --rebase" if fused_manifest.get("rebased") else "fuse --de-quantize" if dequantized
+            else "fuse --no-dequantize" if dequantized is False else "fused/")
     return fuse + (" + imatrix" if file.endswith("-imatrix.gguf") else "")
 
 
