@@ -21,7 +21,9 @@ import math
 from pathlib import Path
 
 # The fused model must be much closer to base + adapter than the base is, or the fine-tune was lost.
-MAX_KL_RATIO = 0.5
+# Measured on the demo: the --no-dequantize fuse kept KL ratio 0.48 yet scored 0 % JSON match
+# (98.3 % unfused): half of the KL gap already loses the task, so 0.5 was too lenient.
+MAX_KL_RATIO = 0.25
 E2E_ROWS = 4
 WORST_LAYERS = 5
 

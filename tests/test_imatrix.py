@@ -124,3 +124,8 @@ def test_native_gguf_from_a_dequantized_fuse_fuses_again_without_dequantizing(ex
     assert native["source"].endswith("fused-native") and native["transcoded"] > 0
     assert native["max_abs_diff"] <= native["max_abs_diff_bound"] * 1.001
     assert result.files["Q4_1-native"].is_file()
+    from pipeline.phases.p10_verify_gguf import native_notes
+
+    (note,) = native_notes(json.loads((result.path / "manifest.json").read_text()))
+    assert note.startswith("native: native-side-Q4_1-native.gguf holds the MLX weights of fused-native/")
+    assert f"is {side['survival']['end_to_end']['ratio']:.0%} of KL(trained || base)" in note

@@ -119,6 +119,7 @@ def verify_gguf(cfg) -> VerifyResult:
     for r in rows:
         r["path"] = export_path(r["file"], fused_manifest)
     notes += imatrix_notes(rows, primary=mlx_row.get("metric", {}).get("primary"))
+    notes += native_notes(read_manifest(paths.gguf, "gguf"))
 
     primary = mlx_row.get("metric", {}).get("primary")
     report = {"rows_compared": len(ref.compared), "rows_answered": len(ref.answered), "primary_metric": primary,
@@ -409,6 +410,27 @@ def imatrix_notes(rows: list[dict], primary: str | None) -> list[str]:
             note += f", {primary} {plain['metric'][primary]:.1f} -> {r['metric'][primary]:.1f} %"
         notes.append(note + ".")
     return notes
+
+
+def native_notes(gguf_manifest: dict) -> list[str]:
+    """The native GGUF is measured against the trained model like every file; what it holds is its
+    own MLX source's values, so its distance is the --no-dequantize fuse's, reported here."""
+    native = gguf_manifest.get("native")
+    if not native or not native.get("source"):
+        return []
+    from ..survival import MAX_KL_RATIO
+
+    source = Path(native["source"])
+    name = next((f["file"] for t, f in gguf_manifest["outputs"]["files"].items() if t.endswith("-native")), "native")
+    note = (f"native: {name} holds the MLX weights of {source.name}/ (max |GGUF - MLX| "
+            f"{native['max_abs_diff']:.2g}); its KL above is that --no-dequantize fuse's distance to the trained model")
+    if (source / MANIFEST).is_file():
+        e2e = (read_manifest(source, "fuse", verify=False).get("survival") or {}).get("end_to_end") or {}
+        if e2e.get("ratio") is not None:
+            note += f": KL(trained || {source.name}) is {e2e['ratio']:.0%} of KL(trained || base)"
+            if e2e["ratio"] > MAX_KL_RATIO:
+                note += " (re-quantizing W + dW rounded most of the adapter away; see `survival` in its manifest)"
+    return [note + "."]
 
 
 def format_table(rows: list[dict], primary: str | None) -> str:
