@@ -286,8 +286,11 @@ def hash_model_dir(path: str | os.PathLike) -> str:
 
 def safetensors_numel(path: str | os.PathLike) -> int:
     """Parameters in a folder's safetensors, from their headers alone (nothing loaded)."""
+    from .untrusted.safetensors_header import check_safetensors
+
     n = 0
     for f in Path(path).glob("*.safetensors"):
+        check_safetensors(f)  # a damaged header is named, not a JSONDecodeError
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
         for k, v in header.items():
