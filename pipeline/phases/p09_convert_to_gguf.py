@@ -78,8 +78,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
             else:
                 _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
                 llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
-        timings[t] = round(time.time() - t0, 2)
-        click.echo(f"      {human_size(files[t].stat().st_size)} in {timings[t]:.1f} s")
+        _record(timings, t, files[t], t0)
     if imatrix_types:
         _step(next(steps), total, "imatrix", f"llama-imatrix over {paths.data}/train.jsonl through the chat template")
         imatrix_stats = _make_imatrix(cfg, paths, hf, source)
@@ -90,19 +89,17 @@ def convert_to_gguf(cfg) -> GGUFResult:
             _step(next(steps), total, name, "llama-quantize --imatrix")
             with atomic_path(files[name], suffix=".gguf") as tmp:
                 imatrix.quantize_with_imatrix(source, tmp, t, paths.imatrix / "imatrix.gguf", cfg.gguf.threads)
-            timings[name] = round(time.time() - t0, 2)
             types.append(name)
-            click.echo(f"      {human_size(files[name].stat().st_size)} in {timings[name]:.1f} s")
+            _record(timings, name, files[name], t0)
     if native:
         t0 = time.time()
         files[native] = out / f"{cfg.run}-{native}.gguf"
         _step(next(steps), total, native, f"MLX's quantized weights of {native_paths.fused} as GGUF blocks "
                                           "(no second quantization)")
         native_stats = _write_native(cfg, native_paths, source, files[native])
-        timings[native] = round(time.time() - t0, 2)
         types.append(native)
-        click.echo(f"      {human_size(files[native].stat().st_size)} in {timings[native]:.1f} s: "
-                   f"{native_stats['transcoded']} tensors transcoded, max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
+        _record(timings, native, files[native], t0, f": {native_stats['transcoded']} tensors transcoded, "
+                f"max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
     parameters = gguf_parameters(source)
 
     keep = set(files.values())
@@ -248,6 +245,11 @@ def _remove_stale(out: Path, run: str, keep: set[Path]) -> None:
         if f not in keep:
             click.echo(f"removing {f.name} (not in gguf.quantizations any more)")
             f.unlink()
+
+
+def _record(timings: dict, key: str, path: Path, t0: float, detail: str = "") -> None:
+    timings[key] = round(time.time() - t0, 2)
+    click.echo(f"      {human_size(path.stat().st_size)} in {timings[key]:.1f} s{detail}")
 
 
 def _step(i: int, n: int, type_name: str, how: str) -> None:
