@@ -296,3 +296,10 @@ def test_grad_checkpoint_recomputes_without_changing_the_run(prepared, reference
         train_lora(cfg_for(root, train__grad_checkpoint=on, train__dropout=0.0))
         losses.append([r["train_loss"] for r in read_log(root / "t" / "adapters") if "train_loss" in r])
     assert len(losses[0]) == 20 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_keep_checkpoints_prunes_the_oldest(prepared, tmp_path):
+    root = copy_prepared(prepared, tmp_path)
+    train_lora(cfg_for(root, train__iters=12, train__keep_checkpoints=2, train__dropout=0.0))
+    kept = sorted(p.name for p in (root / "t" / "adapters" / "checkpoints").iterdir())
+    assert kept == ["step-0000008", "step-0000012"]
