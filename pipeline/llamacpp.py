@@ -38,7 +38,8 @@ PACKAGE = f"llama-cpp-python=={VERSION}"
 # sha256 of llama_cpp_python-0.3.36.tar.gz: a downloaded sdist must be exactly this one.
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # What the converter needs from the sdist's vendor/llama.cpp/ (plus the LoRA converter).
-FILES = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE"]
+FILES = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE",
+         "models/templates"]  # the chat templates of real models (Llama 3, Granite): tests render them
 CONVERTER = "convert_hf_to_gguf.py"
 TOOLS = ["llama-imatrix", "llama-quantize"]
 SETUP_HINT = "Run `make setup` (or `python -m pipeline.llamacpp fetch`)."
@@ -71,8 +72,9 @@ def fetch_converter(sdist: str | Path | None = None, force: bool = False) -> Pat
     if os.environ.get("LLAMA_CPP_DIR"):
         return require_converter()
     dest = converter_dir()
-    if (dest / CONVERTER).is_file() and not force:
+    if all((dest / f).exists() for f in FILES) and not force:
         return dest
+    force = True  # an older cache lacks a newer entry of FILES: extract again
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
         if sdist is None:
