@@ -3,6 +3,7 @@
 # make train               everything train needs, then train (CONFIG=configs/<x>.yaml to switch)
 # TEST_MODE=1 make train   a few-iteration smoke run (outputs in models/<run>-test/)
 # make train RESUME=1       continue an interrupted training run from its newest checkpoint
+# make install             put the verified GGUF into LM Studio, write an Ollama Modelfile (TYPE=Q8_0)
 # make test                set up and run the test suite (what CI runs)
 #
 # Each phase writes models/<run>/<output>/manifest.json last; targets key on those files,
@@ -21,7 +22,7 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CLI := $(BIN)/mlx-pipeline
-ARGS := --config $(CONFIG) --run $(RUN_NAME) --output-dir $(MODELS_DIR)
+ARGS := --config $(CONFIG) --run $(RUN_NAME) --models-dir $(MODELS_DIR)
 
 # Options that change an output without touching CONFIG are remembered in small stamp files,
 # so `make fuse DEQUANTIZE=1` after a plain `make fuse` re-fuses instead of saying "nothing to do".
@@ -30,11 +31,11 @@ define remember
 @mkdir -p $(dir $(1)); echo '$(2)' | cmp -s - $(1) 2>/dev/null || echo '$(2)' > $(1)
 endef
 
-.PHONY: setup data base quantize train eval fuse hf gguf verify demo test clean help FORCE
+.PHONY: setup data base quantize train eval fuse hf gguf verify install demo test clean help FORCE
 .DEFAULT_GOAL := help
 
 help:
-	@echo "targets: setup base data quantize train eval fuse hf gguf verify demo test clean"
+	@echo "targets: setup base data quantize train eval fuse hf gguf verify install demo test clean"
 	@echo "  CONFIG=$(CONFIG)  run $(RUN_NAME)  DEQUANTIZE=$(DEQUANTIZE)  QUANTS=$(QUANTS)"
 
 setup: $(STAMP)
@@ -108,6 +109,11 @@ $(RUNDIR)/gguf/manifest.json: $(RUNDIR)/hf/manifest.json $(RUNDIR)/.gguf-quants
 verify: $(RUNDIR)/verify/manifest.json
 $(RUNDIR)/verify/manifest.json: $(RUNDIR)/gguf/manifest.json $(RUNDIR)/data/manifest.json
 	$(CLI) verify $(ARGS)
+
+# Puts the verified GGUF into LM Studio (LMSTUDIO_MODELS_DIR), writes an Ollama Modelfile, prints
+# the llama.cpp commands. TYPE=Q8_0 overrides the choice; `make verify` first.
+install: $(STAMP)
+	$(CLI) install $(ARGS) $(if $(TYPE),--type $(TYPE))
 
 demo: eval verify
 	@echo

@@ -11,11 +11,13 @@ import sys
 
 import click
 
+from pathlib import Path
+
 from .config import KEYS, _type_name, default_of, load_config
-from .errors import PipelineError
+from .errors import ConfigError, PipelineError
 
 # command -> (module:function, config sections shown, config keys exposed as flags, summary)
-COMMON = ["run", "output_dir", "seed", "test_mode"]
+COMMON = ["run", "models_dir", "seed", "test_mode"]
 COMMANDS = {
     "data": (
         "pipeline.phases.p01_prepare_data:prepare_data",
@@ -83,6 +85,52 @@ COMMANDS = {
         ["verify.max_rows", "verify.max_samples", "verify.f16_max_kl", "eval.max_tokens"],
         "10 Load every GGUF in llama.cpp and measure it against the MLX fused model.",
     ),
+    "install": (
+        "pipeline.phases.p11_install_model:install_model",
+        ["install"],
+        ["install.targets", "install.lmstudio_dir", "install.publisher", "install.model_name",
+         "install.max_metric_drop", "install.max_kl", "serve.port"],
+        "11 Install the verified GGUF into LM Studio's models folder, write an Ollama Modelfile, print the llama.cpp commands.",
+    ),
+    "serve": (
+        "pipeline.serve:serve",
+        ["serve"],
+        ["serve.host", "serve.port", "serve.n_ctx", "install.max_metric_drop", "install.max_kl"],
+        "Serve the verified GGUF (or base + LoRA pair) with llama.cpp's OpenAI-compatible server.",
+    ),
+}
+
+S = "python scripts/"
+# The first lines of each command's --help; tests/test_cli.py checks every flag in them exists.
+EXAMPLES = {
+    "data": ["make data", "mlx-pipeline data --data my.jsonl --run myrun",
+             S + "phase1-prepare-data/01_prepare_data.py --data chats/ --run myrun"],
+    "base": ["make base", "mlx-pipeline base --model ibm-granite/granite-4.0-h-micro --revision main --run granite",
+             S + "phase2-base-model/02_fetch_base_model.py --model ./my-hf-folder --run myrun"],
+    "quantize": ["make quantize", "mlx-pipeline quantize --run myrun --bits 4 --group-size 64",
+                 S + "phase2-base-model/03_quantize_base_model.py --config configs/llama-3.2-3b.yaml"],
+    "train": ["make train", "TEST_MODE=1 mlx-pipeline train --run myrun --iters 50 --rank 16",
+              S + "phase3-train/04_train_lora.py --config configs/default.yaml --resume"],
+    "eval": ["make eval", "mlx-pipeline eval --run myrun --max-samples 20",
+             S + "phase3-train/05_evaluate.py --run demo --skip-base"],
+    "generate": ["mlx-pipeline generate --run demo --prompt 'Ken ordered 2 red lamps for Oslo.'",
+                 S + "phase3-train/06_generate.py --run demo --no-adapter"],
+    "fuse": ["make fuse DEQUANTIZE=1",
+             "mlx-pipeline fuse --run demo --de-quantize",
+             S + "phase4-fine-tune-model/07_fuse_lora.py --base-model models/demo/base-quantized \\",
+             "    --adapter-path models/demo/adapters --output-dir fused-model --no-dequantize"],
+    "hf": ["make hf", "mlx-pipeline hf --run demo --dtype float16",
+           S + "phase5-convert-model-formats/08_convert_to_hf.py --mlx-model fused-model --output-dir hf-model"],
+    "gguf": ["make gguf QUANTS=Q4_K_M,Q8_0",
+             "mlx-pipeline gguf --run demo --quantization Q4_K_M,Q5_K_M,Q8_0",
+             S + "phase5-convert-model-formats/09_convert_to_gguf.py --hf-model hf-model \\",
+             "    --output gguf/my-model --quantization Q4_K_M"],
+    "verify": ["make verify", "mlx-pipeline verify --run demo --max-samples 10",
+               S + "phase6-deploy/10_verify_gguf.py --run demo"],
+    "install": ["make install", "mlx-pipeline install --run demo --type Q8_0 --dry-run",
+                S + "phase6-deploy/11_install_model.py --run demo --target ollama --uninstall"],
+    "serve": ["mlx-pipeline serve --run demo", "mlx-pipeline serve --run demo --type Q8_0 --port 8081",
+              "mlx-pipeline serve --file models/demo/gguf/demo-Q5_K_M.gguf"],
 }
 
 # Flags that would be ambiguous as the bare key name.
@@ -99,6 +147,7 @@ FLAG_NAMES = {
     "export.dtype": "--dtype",
     "gguf.quantizations": "--quantization",
     "verify.max_samples": "--max-samples",
+    "install.targets": "--target",
 }
 # Spellings users already use (mlx-lm says --dequantize, our docs say --de-quantize).
 FLAG_ALIASES = {"fuse.dequantize": ["--dequantize"], "gguf.native": ["--no-dequantize"]}
@@ -133,7 +182,7 @@ def _call(target: str, cfg, **kwargs):
     return getattr(importlib.import_module(module), fn)(cfg, **kwargs)
 
 
-def make_command(name: str, extra_options=(), call_kwargs=lambda kw: {}):
+def make_command(name: str, extra_options=(), call_kwargs=lambda kw, cfg: {}):
     target, _sections, keys, summary = COMMANDS[name]
 
     def command(config, **kw):
@@ -141,7 +190,10 @@ def make_command(name: str, extra_options=(), call_kwargs=lambda kw: {}):
         extra = {k: v for k, v in kw.items() if k.replace("__", ".") not in KEYS}
         try:
             cfg = load_config(config, cli)
-            result = _call(target, cfg, **call_kwargs(extra))
+            kwargs = call_kwargs(extra, cfg)
+            if callable(kwargs):  # another function of the phase module (the guides' path form)
+                return kwargs()
+            result = _call(target, cfg, **kwargs)
         except PipelineError as e:
             code = getattr(e, "exit_code", 2)  # 130/143: training stopped by Ctrl-C/SIGTERM, resumable
             click.secho(f"error: {e}" if code == 2 else str(e), fg="red" if code == 2 else "yellow", err=True)
@@ -155,7 +207,13 @@ def make_command(name: str, extra_options=(), call_kwargs=lambda kw: {}):
         command = _option(key)(command)
     for opt_decorator in extra_options:
         command = opt_decorator(command)
-    return click.command(name, help=summary)(command)
+    return click.command(name, help=help_text(name, summary), short_help=summary)(command)
+
+
+def help_text(name: str, summary: str) -> str:
+    """Examples first (run form, then the guides' path form), then what the command does."""
+    lines = "\n".join(f"  {e}" for e in EXAMPLES[name])
+    return f"Examples:\n\n\b\n{lines}\n\n{summary}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -181,33 +239,113 @@ main.add_command(make_command("train", [
                       "--iters. Refused when the config, base model or data changed."),
     click.option("--force-resume", "force_resume", is_flag=True, default=False,
                  help="With --resume: continue even though the config, base model or data changed."),
-], lambda kw: {"resume": kw["resume"] or kw["force_resume"], "force_resume": kw["force_resume"]}))
+], lambda kw, cfg: {"resume": kw["resume"] or kw["force_resume"], "force_resume": kw["force_resume"]}))
 main.add_command(make_command("eval", [
     click.option("--skip-base", is_flag=True, default=False, help="Score only base + adapter."),
-], lambda kw: {"skip_base": kw["skip_base"]}))
+], lambda kw, cfg: {"skip_base": kw["skip_base"]}))
 main.add_command(make_command("generate", [
     click.option("--prompt", "-p", default=None, help="One prompt to answer; omit for an interactive chat."),
     click.option("--no-adapter", is_flag=True, default=False, help="Use the base model alone."),
     click.option("--raw", is_flag=True, default=False, help="Complete the prompt as plain text, no chat template."),
-], lambda kw: {"prompt": kw["prompt"], "use_adapter": not kw["no_adapter"], "raw": kw["raw"]}))
-for _name in ("fuse", "hf", "gguf", "verify"):
-    main.add_command(make_command(_name))
+], lambda kw, cfg: {"prompt": kw["prompt"], "use_adapter": not kw["no_adapter"], "raw": kw["raw"]}))
+
+
+def _given(kw: dict, names: list[str], form: str):
+    """The guides' path form, when any of its flags is given: all of `names` are then required."""
+    given = {n: kw[n] for n in names if kw.get(n)}
+    if given and len(given) < len(names):
+        missing = ", ".join("--" + n.replace("_", "-") for n in names if n not in given)
+        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in given)} also need(s) {missing}: {form}")
+    return given
+
+
+def _fuse_kwargs(kw, cfg):
+    given = _given(kw, ["base_model", "adapter_path", "output_dir"],
+                   "07_fuse_lora.py --base-model PATH|REPO --adapter-path DIR --output-dir DIR")
+    if not given:
+        return {}
+    from .paths import GivenPaths
+    from .phases.p07_fuse_lora import resolve_base
+
+    return {"paths": GivenPaths(cfg, base=resolve_base(given["base_model"]), adapters=given["adapter_path"],
+                                fused=given["output_dir"])}
+
+
+def _hf_kwargs(kw, cfg):
+    given = _given(kw, ["mlx_model", "output_dir"], "08_convert_to_hf.py --mlx-model DIR --output-dir DIR")
+    if not given:
+        return {}
+    from .paths import GivenPaths
+
+    return {"paths": GivenPaths(cfg, fused=given["mlx_model"], hf=given["output_dir"])}
+
+
+def _gguf_kwargs(kw, cfg):
+    given = _given(kw, ["hf_model", "output"], "09_convert_to_gguf.py --hf-model DIR --output PREFIX "
+                                               "--quantization Q4_K_M[,Q5_K_M,Q8_0]")
+    if not given:
+        return {}
+    from .phases.p09_convert_to_gguf import convert_given
+
+    return lambda: convert_given(cfg, Path(given["hf_model"]), Path(given["output"]))
+
+
+_dir = click.Path(file_okay=False)
+main.add_command(make_command("fuse", [
+    click.option("--base-model", default=None, help="Path form: the base model folder (or Hub repo id) the adapter "
+                 "was trained on, e.g. models/<run>/base-quantized. Needs --adapter-path and --output-dir."),
+    click.option("--adapter-path", default=None, type=_dir, help="Path form: the adapter folder "
+                 "(adapters.safetensors + adapter_config.json), from `mlx-pipeline train` or `mlx_lm lora`."),
+    click.option("--output-dir", "--save-path", "output_dir", default=None, type=_dir,
+                 help="Path form: where to write the fused model (a new folder, or one an earlier fuse wrote)."),
+], _fuse_kwargs))
+main.add_command(make_command("hf", [
+    click.option("--mlx-model", default=None, type=_dir, help="Path form: an MLX model folder (07 fuse, `mlx_lm fuse`)."),
+    click.option("--output-dir", "output_dir", default=None, type=_dir,
+                 help="Path form: where to write the Hugging Face folder (a new folder, or one an earlier run wrote)."),
+], _hf_kwargs))
+main.add_command(make_command("gguf", [
+    click.option("--hf-model", default=None, type=_dir, help="Path form: a Hugging Face model folder (08), or an MLX "
+                 "one (07 fuse, `mlx_lm fuse`; converted to HF first)."),
+    click.option("--output", default=None, help="Path form: file prefix; writes PREFIX-<TYPE>.gguf per --quantization "
+                 "type and PREFIX.manifest.json."),
+], _gguf_kwargs))
+main.add_command(make_command("verify"))
+
+_choice_options = [
+    click.option("--type", "type_name", default=None, help="Use this verified type (Q8_0, Q4_K_M-imatrix, "
+                 "F16+LoRA, ...) instead of the default choice."),
+    click.option("--file", default=None, help="Use this verified GGUF file of the run (name or path)."),
+    click.option("--force", is_flag=True, default=False, help="Accept a file that failed 10 verify."),
+]
+main.add_command(make_command("install", [
+    *_choice_options,
+    click.option("--dry-run", is_flag=True, default=False, help="Say what would be placed and written; change nothing."),
+    click.option("--uninstall", is_flag=True, default=False, help="Remove what the last install of this run placed."),
+    click.option("--lms", is_flag=True, default=False, help="Also run `lms load` (LM Studio's CLI) when lms is on PATH."),
+], lambda kw, cfg: dict(kw)))
+main.add_command(make_command("serve", [
+    *_choice_options,
+    click.option("--lora", default=None, help="With --file: a LoRA GGUF to apply (llama.cpp --lora)."),
+], lambda kw, cfg: dict(kw)))
 
 
 def entry():
-    """Console script `mlx-pipeline`."""
+    """Console script `mlx-pipeline` (and `python -m pipeline.cli`)."""
     from .runtime import ensure_fast_blas
 
     ensure_fast_blas()
-    main()
+    main(prog_name="mlx-pipeline")
 
 
 def run_script(name: str):
-    """Entry point for scripts/phaseN-*/NN_*.py: the same command as `mlx-pipeline NAME`."""
+    """Entry point for scripts/phaseN-*/NN_*.py: the same command as `mlx-pipeline NAME`, its
+    usage line showing what the user typed (`python scripts/.../07_fuse_lora.py [OPTIONS]`)."""
     from .runtime import ensure_fast_blas
 
     ensure_fast_blas()
-    main([name, *sys.argv[1:]], prog_name=sys.argv[0])
+    main.commands[name].main(sys.argv[1:], prog_name=f"python {sys.argv[0]}",
+                             help_option_names=["-h", "--help"], max_content_width=120, terminal_width=120)
 
 
 if __name__ == "__main__":

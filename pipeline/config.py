@@ -181,9 +181,34 @@ class VerifyConfig:
 
 
 @dataclass
+class InstallConfig:
+    targets: list = opt(
+        ["lmstudio", "ollama", "llamacpp"],
+        "Where 11 install puts the model: LM Studio's models folder, an Ollama Modelfile (and `ollama create` "
+        "when ollama is on PATH), and the llama.cpp commands to run it.",
+        choices=["lmstudio", "ollama", "llamacpp"],
+    )
+    lmstudio_dir: str = opt("~/.lmstudio/models", "LM Studio's models folder.", env="LMSTUDIO_MODELS_DIR")
+    publisher: str = opt("mlx-pipeline", "Publisher folder in LM Studio (<publisher>/<model>-GGUF/).")
+    model_name: str | None = opt(None, "Model name in LM Studio and Ollama (default: the run name).")
+    max_metric_drop: float = opt(
+        2.0, "Default choice: the smallest file whose task metric is within this many points of the MLX model's.",
+        minimum=0.0)
+    max_kl: float = opt(0.2, "Default choice: ... and whose mean KL to the MLX model (10 verify) is at most this.",
+                        minimum=0.0)
+
+
+@dataclass
+class ServeConfig:
+    host: str = opt("127.0.0.1", "Address the server binds to (127.0.0.1: this machine only).")
+    port: int = opt(8080, "TCP port of the OpenAI-compatible server.", env="PORT", minimum=1, maximum=65535)
+    n_ctx: int = opt(4096, "Context length the server allocates (tokens).", minimum=64)
+
+
+@dataclass
 class Config:
-    run: str = opt("demo", "Run name: outputs go to <output_dir>/<run>/.", env="RUN")
-    output_dir: str = opt("models", "Folder holding one sub-folder per run.", env="MODELS_DIR")
+    run: str = opt("demo", "Run name: outputs go to <models_dir>/<run>/.", env="RUN")
+    models_dir: str = opt("models", "Folder holding one sub-folder per run.", env="MODELS_DIR")
     seed: int = opt(0, "Seed for data splits, sampling and initialisation.", env="SEED")
     test_mode: bool = opt(False, "Smoke run: a few iterations and samples (TEST_MODE=1).", env="TEST_MODE")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,10 +221,12 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     gguf: GGUFConfig = field(default_factory=GGUFConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    install: InstallConfig = field(default_factory=InstallConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run
+        return Path(self.models_dir) / self.run
 
     def get(self, key: str):
         obj = self
@@ -211,7 +238,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ["model", "data", "quantize", "train", "eval", "generate", "fuse", "export", "gguf", "verify"]
+SECTIONS = ["model", "data", "quantize", "train", "eval", "generate", "fuse", "export", "gguf", "verify",
+            "install", "serve"]
 
 # TEST_MODE shrinks the long-running knobs; applied after precedence, explicit flags still win.
 TEST_MODE_VALUES = {
@@ -396,10 +424,10 @@ def _build(values: dict[str, Any]) -> Config:
     return Config(**top, **sections)
 
 
-def format_config(cfg: Config, sections: list[str]) -> str:
+def format_config(cfg: Config, sections: list[str], run_keys: bool = True) -> str:
     """The resolved keys a phase uses, one per line, for the start-of-phase printout."""
     lines = []
     for k in KEYS:
-        if "." not in k or k.split(".")[0] in sections:
+        if ("." not in k and run_keys) or k.split(".")[0] in sections:
             lines.append(f"  {k} = {cfg.get(k)!r}")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from .errors import PipelineError
 _ACTIVE: set[Path] = set()
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-FIX = "Free some space there, or set MODELS_DIR (--output-dir) to a disk with room, and run it again."
+FIX = "Free some space there, or set MODELS_DIR (--models-dir) to a disk with room, and run it again."
 
 
 class DiskFullError(PipelineError):
@@ -224,7 +224,7 @@ def check_not_inside(output: str | os.PathLike, input_: str | os.PathLike, what:
     if out == inp or inp in out.parents:
         raise PipelineError(
             f"The output folder {output} is inside {what} {input_}. Outputs must not be written into an "
-            f"input folder: set MODELS_DIR (--output-dir) to a folder outside {input_}."
+            f"input folder: set MODELS_DIR (--models-dir) to a folder outside {input_}."
         )
     if out in inp.parents:
         raise PipelineError(

@@ -44,8 +44,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(out_dir: str | Path, phase: str, cfg, started: float, inputs: dict, outputs: dict, **extra) -> Path:
-    path = Path(out_dir) / MANIFEST
+def write_manifest(out_dir: str | Path, phase: str, cfg, started: float, inputs: dict, outputs: dict,
+                   name: str = MANIFEST, **extra) -> Path:
+    """`name`: another file name, for outputs that are files beside others' (09's PREFIX-*.gguf)."""
+    path = Path(out_dir) / name
     write_json(
         path,
         {

@@ -18,7 +18,13 @@ def read_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise MissingInputError(f"{path} not found: {model_dir} is not a model folder.")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise PipelineError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:120]}).") from None
+    if not isinstance(config, dict):
+        raise PipelineError(f"{path} is not a JSON object: not a model's config.")
+    return config
 
 
 def check_weight_files(model_dir: str | Path) -> None:

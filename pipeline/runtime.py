@@ -26,7 +26,9 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
         return
     env = dict(os.environ, MLX_PIPELINE_NO_REEXEC="1")
     env["LD_PRELOAD"] = ":".join(p for p in (str(OPENBLAS), os.environ.get("LD_PRELOAD", "")) if p)
-    argv = argv if argv is not None else sys.argv
+    # The interpreter's own arguments, so `python -m pipeline.cli` re-runs as a module
+    # (sys.argv would relaunch cli.py as a plain script, breaking its relative imports).
+    argv = argv if argv is not None else sys.orig_argv[1:]
     os.execve(sys.executable, [sys.executable, *argv], env)
 
 

@@ -30,17 +30,17 @@ _FUSED: dict[tuple, tuple] = {}
 _REFERENCE: dict[str, tuple] = {}
 
 
-def make_cfg(output_dir, source="unused", run="t", **keys):
-    values = {"output_dir": str(output_dir), "run": run, "model.source": str(source), **EXPORT_TRAIN}
+def make_cfg(models_dir, source="unused", run="t", **keys):
+    values = {"models_dir": str(models_dir), "run": run, "model.source": str(source), **EXPORT_TRAIN}
     values.update({k.replace("__", "."): v for k, v in keys.items()})
     return load_config(None, values, env={})
 
 
-def copy_run(output_dir: Path, run: str) -> Path:
+def copy_run(models_dir: Path, run: str) -> Path:
     """A copy of the trained run `t` (base, data, quantized base, adapter) as run `run`."""
-    dst = output_dir / run
+    dst = models_dir / run
     if not dst.exists():
-        shutil.copytree(output_dir / "t", dst, ignore=shutil.ignore_patterns("fused", "hf", "checkpoints"))
+        shutil.copytree(models_dir / "t", dst, ignore=shutil.ignore_patterns("fused", "hf", "checkpoints"))
     return dst
 
 

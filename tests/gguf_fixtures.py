@@ -25,7 +25,7 @@ TEST_KEYS = {"verify.max_rows": 3, "verify.max_samples": 2, "eval.max_tokens": 8
 
 
 def make_cfg(root: Path, run: str = "t", **keys):
-    values = {"output_dir": str(root), "run": run, **TEST_KEYS}
+    values = {"models_dir": str(root), "run": run, **TEST_KEYS}
     values.update({k.replace("__", "."): v for k, v in keys.items()})
     return load_config(None, values, env={})
 
@@ -59,7 +59,7 @@ def rerecord(folder: Path) -> None:
 
 def copy_run(cfg, root: Path, **keys):
     """A writable copy of a run (same run name) under `root`, with config keys changed."""
-    shutil.copytree(Path(cfg.output_dir) / cfg.run, Path(root) / cfg.run)
+    shutil.copytree(Path(cfg.models_dir) / cfg.run, Path(root) / cfg.run)
     return make_cfg(root, cfg.run, **keys)
 
 

@@ -277,7 +277,7 @@ def hf_source(tmp_path_factory, tiny_hf_model) -> Path:
     from pipeline.phases.p02_fetch_base_model import fetch_base_model
 
     root = tmp_path_factory.mktemp("crash-hf")
-    fetch_base_model(load_config(None, {"output_dir": str(root), "run": "t",
+    fetch_base_model(load_config(None, {"models_dir": str(root), "run": "t",
                                         "model.source": str(tiny_hf_model("llama"))}, env={}))
     run = root / "t"
     shutil.copytree(run / "base", run / "fused", ignore=shutil.ignore_patterns("manifest.json"))
@@ -287,7 +287,7 @@ def hf_source(tmp_path_factory, tiny_hf_model) -> Path:
 
 
 def hf_keys(root: Path, **keys) -> dict:
-    return {"output_dir": str(root), "run": "t", **{k.replace("__", "."): v for k, v in keys.items()}}
+    return {"models_dir": str(root), "run": "t", **{k.replace("__", "."): v for k, v in keys.items()}}
 
 
 def folder_trials(root: Path, folder: Path, old_keys: dict, new_keys: dict, phase: str, kills_of) -> Counter:
@@ -325,7 +325,7 @@ def folder_kill_points(folder: Path, size: int, seconds: float) -> list:
 
 def test_sigkill_data_phase_leaves_previous_splits_or_new_ones(tmp_path, tokenizer_base):
     shutil.copytree(tokenizer_base, tmp_path / "t" / "base")
-    keys = {"output_dir": str(tmp_path), "run": "t", "data.source": "sample", "data.sample_rows": 400}
+    keys = {"models_dir": str(tmp_path), "run": "t", "data.source": "sample", "data.sample_rows": 400}
     states = folder_trials(tmp_path, tmp_path / "t" / "data", {**keys, "seed": 0}, {**keys, "seed": 1}, "data",
                            folder_kill_points)
     print(f"phase 01 data/: {sum(states.values())} kills, final name held: {dict(states)}")
@@ -357,7 +357,7 @@ def test_stale_temporaries_are_cleaned_and_an_interrupted_swap_restored(tmp_path
     (run / f".fused.tmp-{os.getpid()}").mkdir()  # our PID, but no writer of ours owns it: an earlier process's
     alive = run / f".verify.tmp-{os.getppid()}"  # a live process's temporary is kept
     alive.mkdir()
-    clean_run_folder(load_config(None, {"output_dir": str(tmp_path), "run": "t"}, env={}))
+    clean_run_folder(load_config(None, {"models_dir": str(tmp_path), "run": "t"}, env={}))
     assert (run / "data" / "train.jsonl").read_text() == "{}\n"
     assert leftovers(run) == [alive.name]
     assert "cleaned up 4 leftover(s) of an interrupted run" in capsys.readouterr().out
@@ -399,7 +399,7 @@ def test_hf_export_on_a_full_disk_fails_naming_the_path_and_keeps_the_previous_e
     convert_to_hf(load_config(None, hf_keys(tmp_path, export__max_shard_gb=0.004), env={}))
     hf = tmp_path / "t" / "hf"
     before = folder_files(hf)
-    argv = ["hf", "--output-dir", str(tmp_path), "--run", "t", "--dtype", "float32"]
+    argv = ["hf", "--models-dir", str(tmp_path), "--run", "t", "--dtype", "float32"]
     rc, err, _ = run_child(CLI, {"argv": argv, "fsize": FSIZE})
     assert rc == 2, err
     assert f"Could not write {hf}:" in err and "short by" in err and f"{FSIZE:,}" in err, err
@@ -462,7 +462,7 @@ def test_hf_export_refused_up_front_when_the_disk_is_too_small(tmp_path, hf_sour
     export = fsio.dir_size(hf_source / "t" / "fused", "*.safetensors")  # float32 export ~ fused size
     script = (f"mount -t tmpfs -o size={run_size + export // 2} tmpfs {mnt} && cp -a {hf_source / 't'} {mnt}/t "
               f"&& exec \"$@\"")
-    argv = ["hf", "--output-dir", str(mnt), "--run", "t", "--dtype", "float32"]
+    argv = ["hf", "--models-dir", str(mnt), "--run", "t", "--dtype", "float32"]
     r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-c", child_code(CLI), json.dumps({"argv": argv})], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert f"Not enough free disk space for the Hugging Face export (float32) in {mnt / 't'}" in r.stderr, r.stderr
@@ -514,7 +514,7 @@ def test_output_folder_inside_the_input_folder_is_refused(tmp_path, tokenizer_ba
         (src / f"{s}.jsonl").parent.mkdir(parents=True, exist_ok=True)
         (src / f"{s}.jsonl").write_text("".join(json.dumps({"text": f"{s} {i}"}) + "\n" for i in range(6)))
     shutil.copytree(tokenizer_base, src / "models" / "t" / "base")
-    cfg = load_config(None, {"output_dir": str(src / "models"), "run": "t", "data.source": str(src)}, env={})
+    cfg = load_config(None, {"models_dir": str(src / "models"), "run": "t", "data.source": str(src)}, env={})
     with pytest.raises(PipelineError, match=rf"output folder {src / 'models' / 't' / 'data'} is inside data.source {src}"):
         prepare_data(cfg)
     assert not (src / "models" / "t" / "data").exists()
@@ -528,7 +528,7 @@ def test_edited_data_split_is_caught_when_a_later_phase_reads_the_manifest(tmp_p
     from pipeline.phases.p04_train_lora import train_lora
 
     shutil.copytree(tokenizer_base, tmp_path / "t" / "base")
-    cfg = load_config(None, {"output_dir": str(tmp_path), "run": "t", "data.sample_rows": 40}, env={})
+    cfg = load_config(None, {"models_dir": str(tmp_path), "run": "t", "data.sample_rows": 40}, env={})
     prepare_data(cfg)
     data = tmp_path / "t" / "data"
     read_manifest(data, "data")

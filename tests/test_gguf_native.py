@@ -48,7 +48,7 @@ def native_run(key: str, tmp_path_factory, tiny_hf_model, export_runs):
         root = tmp_path_factory.mktemp(f"native-{key}")
         if key == "trained-q4-g32":
             fused_cfg, _ = export_runs.fused("llama", dequantize=False)
-            shutil.copytree(Path(fused_cfg.output_dir) / fused_cfg.run, root / "t",
+            shutil.copytree(Path(fused_cfg.models_dir) / fused_cfg.run, root / "t",
                             ignore=shutil.ignore_patterns("hf", "gguf", "checkpoints"))
             cfg = make_cfg(root, "t", **QUANTS)
         else:
@@ -69,7 +69,7 @@ def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_
     import mlx.core as mx
 
     cfg, result, stats, native = native_run(key, tmp_path_factory, tiny_hf_model, export_runs)
-    fused = Path(cfg.output_dir) / "t" / "fused"
+    fused = Path(cfg.models_dir) / "t" / "fused"
     qtype = "Q5_1" if key.startswith("q5") else "Q4_1"
     config = json.loads((fused / "config.json").read_text())
     bits, group = config["quantization"]["bits"], config["quantization"]["group_size"]
@@ -149,7 +149,7 @@ def test_native_runs_in_llama_cpp_closer_than_q8_0(key, tmp_path_factory, tiny_h
     from pipeline.phases.p10_verify_gguf import gguf_metadata, load_gguf
 
     cfg, result, stats, native = native_run(key, tmp_path_factory, tiny_hf_model, export_runs)
-    model, _, _ = load_model(Path(cfg.output_dir) / "t" / "fused", "float32")  # dequantized on CPU: exact
+    model, _, _ = load_model(Path(cfg.models_dir) / "t" / "fused", "float32")  # dequantized on CPU: exact
     kl = {}
     for name, path in [("native", native), ("Q8_0", result.files["Q8_0"]), ("Q4_K_M", result.files["Q4_K_M"])]:
         llm = load_gguf(path, 256, 0)
@@ -176,7 +176,7 @@ def test_refuses_dense_models_and_other_architectures(tmp_path, tmp_path_factory
         write_native_gguf(tiny_hf_model("llama"), f16, out)
 
     fused = tmp_path / "fused"
-    shutil.copytree(Path(cfg.output_dir) / "t" / "fused", fused)
+    shutil.copytree(Path(cfg.models_dir) / "t" / "fused", fused)
     config = json.loads((fused / "config.json").read_text())
     (fused / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(PipelineError, match=r"supports model types llama, granite, not 'mistral'"):
@@ -194,7 +194,7 @@ def test_phase_09_writes_the_native_file_with_native_flag(tmp_path, tmp_path_fac
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
 
     cfg, _, stats, native = native_run("q4-g64", tmp_path_factory, tiny_hf_model, export_runs)
-    shutil.copytree(Path(cfg.output_dir) / "t", tmp_path / "t", ignore=shutil.ignore_patterns("gguf"))
+    shutil.copytree(Path(cfg.models_dir) / "t", tmp_path / "t", ignore=shutil.ignore_patterns("gguf"))
     result = convert_to_gguf(make_cfg(tmp_path, "t", **{"gguf.quantizations": ["Q8_0"], "gguf.native": True}))
     path = result.files["Q4_1-native"]
     assert path.name == "t-Q4_1-native.gguf" and path.stat().st_size == native.stat().st_size

@@ -263,7 +263,7 @@ def test_base_phase_refuses_hostile_gguf_before_transformers(tmp_path, case):
 
     f = tmp_path / "user.gguf"
     f.write_bytes(dict((c[0], c[1]) for c in GGUF_CASES)[case]())
-    cfg = load_config(None, {"output_dir": str(tmp_path), "run": "t", "model.source": str(f)}, env={})
+    cfg = load_config(None, {"models_dir": str(tmp_path), "run": "t", "model.source": str(f)}, env={})
     with pytest.raises(UntrustedFileError, match="user.gguf"):
         fetch_base_model(cfg)
     assert not (tmp_path / "t" / "base").exists()
@@ -330,7 +330,7 @@ def test_malformed_jsonl_refused(tmp_path, line, fragment):
     body = [chat(i).encode() for i in range(4)]
     body.insert(2, line if isinstance(line, bytes) else line.encode())
     f.write_bytes(b"\n".join(body) + b"\n")
-    cfg = load_config(None, {"output_dir": str(tmp_path), "run": "t", "data.source": str(f)}, env={})
+    cfg = load_config(None, {"models_dir": str(tmp_path), "run": "t", "data.source": str(f)}, env={})
     with pytest.raises(DataError, match="nothing was written") as e:
         load_input(cfg)
     assert f"{f}:3:" in str(e.value) and fragment in str(e.value), str(e.value)
@@ -440,7 +440,7 @@ def test_custom_code_refused_for_unknown_architecture(tmp_path):
     from pipeline.phases.p02_fetch_base_model import fetch_base_model
 
     src = _model_folder(tmp_path, "evilformer")
-    cfg = load_config(None, {"output_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
+    cfg = load_config(None, {"models_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
     with pytest.raises(PipelineError, match="trust_remote_code=True, which this pipeline never sets") as e:
         fetch_base_model(cfg)
     assert "modeling_evil.py" in str(e.value) and "'evilformer'" in str(e.value)
@@ -451,7 +451,7 @@ def test_custom_code_ignored_for_registry_architecture(tmp_path):
     from pipeline.phases.p02_fetch_base_model import fetch_base_model
 
     src = _model_folder(tmp_path, "llama")
-    cfg = load_config(None, {"output_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
+    cfg = load_config(None, {"models_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
     out = fetch_base_model(cfg).path
     assert not list(out.glob("*.py")) and not (tmp_path / "imported").exists()
     for name in ("config.json", "tokenizer_config.json"):
@@ -463,7 +463,7 @@ def test_local_folder_with_hostile_safetensors_refused(tmp_path):
 
     src = _model_folder(tmp_path, "llama")
     (src / "model.safetensors").write_bytes(st(n=2**63))
-    cfg = load_config(None, {"output_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
+    cfg = load_config(None, {"models_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
     with pytest.raises(UntrustedFileError, match="exceeds the 100000000-byte limit"):
         fetch_base_model(cfg)
 
@@ -486,7 +486,7 @@ def test_pickle_checkpoint_refused_unopened(tmp_path, name):
     src.mkdir()
     (src / "config.json").write_text('{"model_type": "llama"}')
     (src / name).write_bytes(pickle.dumps(_Payload(str(marker))))
-    cfg = load_config(None, {"output_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
+    cfg = load_config(None, {"models_dir": str(tmp_path), "run": "t", "model.source": str(src)}, env={})
     with pytest.raises(MissingInputError, match=f"It has {name}: pickle checkpoints are not loaded"):
         fetch_base_model(cfg)
     assert not marker.exists()
@@ -509,7 +509,7 @@ OFFLINE_PROBE = textwrap.dedent("""
     from pipeline.config import load_config
     from pipeline.errors import PipelineError
     from pipeline.phases.p02_fetch_base_model import fetch_base_model
-    cfg = load_config(None, {"output_dir": sys.argv[1], "run": "t", "model.source": "nobody/no-such-model"}, env={})
+    cfg = load_config(None, {"models_dir": sys.argv[1], "run": "t", "model.source": "nobody/no-such-model"}, env={})
     try:
         fetch_base_model(cfg)
         print("RESULT fetched")

@@ -27,7 +27,7 @@ def imatrix_run(export_runs):
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
 
     cfg, _ = export_runs.fused("llama", dequantize=True)
-    cfg = make_cfg(cfg.output_dir, run=cfg.run, fuse__dequantize=True, **IMATRIX_KEYS)
+    cfg = make_cfg(cfg.models_dir, run=cfg.run, fuse__dequantize=True, **IMATRIX_KEYS)
     return cfg, convert_to_gguf(cfg)
 
 
@@ -39,9 +39,9 @@ def _tensors(path: Path) -> dict:
 
 def test_imatrix_is_computed_from_the_chat_rendered_training_split(imatrix_run):
     cfg, result = imatrix_run
-    folder = Path(cfg.output_dir) / cfg.run / "imatrix"
+    folder = Path(cfg.models_dir) / cfg.run / "imatrix"
     text = (folder / "calibration.txt").read_text()
-    train = [json.loads(line) for line in (Path(cfg.output_dir) / cfg.run / "data" / "train.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (Path(cfg.models_dir) / cfg.run / "data" / "train.jsonl").read_text().splitlines()]
     # Rendered through the chat template: the special tokens are there, and every training answer.
     assert "<|im_start|>assistant" in text
     assert all(row["messages"][-1]["content"] in text for row in train)
@@ -91,7 +91,7 @@ def test_too_little_training_text_is_a_clear_error(export_runs, tmp_path):
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
 
     cfg, _ = export_runs.fused("llama", dequantize=True)
-    shutil.copytree(Path(cfg.output_dir) / cfg.run, tmp_path / cfg.run)
+    shutil.copytree(Path(cfg.models_dir) / cfg.run, tmp_path / cfg.run)
     cfg = make_cfg(tmp_path, run=cfg.run, fuse__dequantize=True,
                    **{**IMATRIX_KEYS, "gguf.imatrix_chunk_tokens": 100000})
     with pytest.raises(DataError, match="needs at least 200000"):
@@ -111,7 +111,7 @@ def test_native_gguf_from_a_dequantized_fuse_fuses_again_without_dequantizing(ex
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
 
     cfg, _ = export_runs.fused("llama", dequantize=True)
-    root = Path(cfg.output_dir)
+    root = Path(cfg.models_dir)
     copy_run(root, "native-side")
     shutil.copytree(root / cfg.run / "fused", root / "native-side" / "fused")
     cfg = make_cfg(root, run="native-side", fuse__dequantize=True, gguf__native=True,

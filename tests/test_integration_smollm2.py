@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_qlora_loss_falls(tmp_path):
     cfg = load_config(None, {
-        "output_dir": str(tmp_path), "run": "smol", "data.sample_rows": 120,
+        "models_dir": str(tmp_path), "run": "smol", "data.sample_rows": 120,
         "train.iters": 12, "train.num_layers": 4, "train.learning_rate": 5e-4,
         "train.steps_per_eval": 12, "train.steps_per_report": 4, "train.save_every": 12,
         "train.val_batches": 2,
@@ -43,7 +43,7 @@ def test_smollm2_qlora_loss_falls(tmp_path):
 
     from pipeline.modeling import cast_floats, load_model
 
-    run = Path(cfg.output_dir) / "smol"
+    run = Path(cfg.models_dir) / "smol"
     rows = [json.loads(line) for line in (run / "data" / "valid.jsonl").read_text().splitlines()][:2]
     dense, tok, _ = load_model(run / "base-quantized", "float32")
     load_adapters(dense, str(run / "adapters"))

@@ -34,7 +34,7 @@ def make_cfg(tmp_path, _smollm2_tokenizer_dir):
     def make(source, base=True, seed=0, **data_keys):
         if base and not (tmp_path / "t" / "base").exists():
             shutil.copytree(_smollm2_tokenizer_dir, tmp_path / "t" / "base")
-        keys = {"output_dir": str(tmp_path), "run": "t", "seed": seed, "data.source": str(source)}
+        keys = {"models_dir": str(tmp_path), "run": "t", "seed": seed, "data.source": str(source)}
         keys.update({f"data.{k}": v for k, v in data_keys.items()})
         return load_config(None, keys, env={})
 
@@ -238,7 +238,7 @@ def clean_env(monkeypatch):
 
 def test_cli_reports_bad_rows_and_exits_2(tmp_path, clean_env):
     bad = write_rows(tmp_path / "in" / "file.jsonl", BAD_ROWS)
-    args = ["data", "--output-dir", str(tmp_path), "--run", "t", "--data", str(bad)]
+    args = ["data", "--models-dir", str(tmp_path), "--run", "t", "--data", str(bad)]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 2
     assert "file.jsonl:3:" in result.output and "file.jsonl:5:" in result.output
@@ -248,7 +248,7 @@ def test_cli_reports_bad_rows_and_exits_2(tmp_path, clean_env):
 def test_cli_help_lists_every_option():
     out = CliRunner().invoke(cli.main, ["data", "--help"]).output
     for flag in ["--data", "--sample-rows", "--valid-fraction", "--test-fraction", "--max-seq-length",
-                 "--overlong", "--run", "--output-dir", "--seed", "--test-mode", "--config"]:
+                 "--overlong", "--run", "--models-dir", "--seed", "--test-mode", "--config"]:
         assert flag in out
     assert "drop|truncate|error" in out
 

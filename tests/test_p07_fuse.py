@@ -146,12 +146,12 @@ def test_cli_fuse(export_runs, monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     root = export_runs.trained("granite")
     copy_run(root, "cli")
-    r = CliRunner().invoke(cli.main, ["fuse", "--output-dir", str(root), "--run", "cli", "--de-quantize"])
+    r = CliRunner().invoke(cli.main, ["fuse", "--models-dir", str(root), "--run", "cli", "--de-quantize"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((root / "cli" / "fused" / "manifest.json").read_text())
     assert manifest["dequantized"] is True and manifest["dtype"] == "bfloat16"
     assert "parameters x 2 bytes" in r.output
 
-    r = CliRunner().invoke(cli.main, ["fuse", "--output-dir", str(tmp_path), "--run", "none"])
+    r = CliRunner().invoke(cli.main, ["fuse", "--models-dir", str(tmp_path), "--run", "none"])
     assert r.exit_code == 2
     assert "make train" in r.output and "Traceback" not in r.output

@@ -135,13 +135,13 @@ def test_cli_hf(export_runs, monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     fcfg, fused = export_runs.fused("llama", dequantize=True)
     root = fused.path.parents[1]
-    r = CliRunner().invoke(cli.main, ["hf", "--output-dir", str(root), "--run", fcfg.run, "--dtype", "float16"])
+    r = CliRunner().invoke(cli.main, ["hf", "--models-dir", str(root), "--run", fcfg.run, "--dtype", "float16"])
     assert r.exit_code == 0, r.output
     hf = fused.path.parent / "hf"
     assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "float16"
     assert json.loads((hf / "manifest.json").read_text())["inputs"]["fused"]["dequantized"] is True
     assert (hf / "model.safetensors").is_file() and not (hf / INDEX).exists()  # one shard below 5 GB
 
-    r = CliRunner().invoke(cli.main, ["hf", "--output-dir", str(tmp_path), "--run", "none"])
+    r = CliRunner().invoke(cli.main, ["hf", "--models-dir", str(tmp_path), "--run", "none"])
     assert r.exit_code == 2
     assert "make fuse" in r.output and "Traceback" not in r.output

@@ -39,7 +39,7 @@ def test_convert_every_type_per_architecture(tmp_path_factory, tiny_hf_model, mo
     from pipeline import arch
 
     cfg, result = converted_run(tmp_path_factory, tiny_hf_model, model_type)
-    out = Path(cfg.output_dir) / "t" / "gguf"
+    out = Path(cfg.models_dir) / "t" / "gguf"
     assert list(result.files) == ["F16", *ALL_TYPES]
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json"] + [f"t-{t}.gguf" for t in result.files])
 
@@ -65,7 +65,7 @@ def test_cli_quantization_alone_replaces_stale_outputs(tmp_path, tmp_path_factor
     """`mlx-pipeline gguf --quantization Q8_0`: F16 + Q8_0 only; the earlier Q4/Q5 files are removed."""
     cfg, _ = converted_run(tmp_path_factory, tiny_hf_model, "llama")
     cfg = copy_run(cfg, tmp_path)
-    args = ["gguf", "--run", "t", "--output-dir", str(tmp_path), "--quantization", "Q8_0", "--threads", "2"]
+    args = ["gguf", "--run", "t", "--models-dir", str(tmp_path), "--quantization", "Q8_0", "--threads", "2"]
     res = CliRunner().invoke(cli.main, args, env={"QUANTS": "", "TEST_MODE": ""})
     assert res.exit_code == 0, res.output
     out = tmp_path / "t" / "gguf"
@@ -139,7 +139,7 @@ def test_missing_toolchain_names_make_setup(tmp_path, monkeypatch, tiny_hf_model
     monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path / "no-checkout"))
     with pytest.raises(MissingInputError, match=r"no-checkout \(LLAMA_CPP_DIR\). Run `make setup`"):
         convert_to_gguf(cfg)
-    res = CliRunner().invoke(cli.main, ["gguf", "--run", "t", "--output-dir", str(tmp_path)])
+    res = CliRunner().invoke(cli.main, ["gguf", "--run", "t", "--models-dir", str(tmp_path)])
     assert res.exit_code == 2 and "make setup" in res.output
 
 

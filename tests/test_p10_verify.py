@@ -47,7 +47,7 @@ def test_gguf_matches_mlx_per_architecture(tmp_path_factory, tiny_hf_model, mode
         assert rows[t]["metric"]["n"] == 2 and rows[t]["metric"]["primary"] == "json_match"
     assert mlx["metric"]["n"] == 2
 
-    out = Path(cfg.output_dir) / "t" / "verify"
+    out = Path(cfg.models_dir) / "t" / "verify"
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["rows_compared"] == 3 and len(report["models"]) == 5
     md = (out / "report.md").read_text()
@@ -89,7 +89,7 @@ def test_verify_fails_on_template_tokenizer_and_broken_files(tmp_path, tmp_path_
     (gguf / "t-truncated.gguf").write_bytes(f16.read_bytes()[: f16.stat().st_size // 2])
     (gguf / "junk.gguf").write_bytes(np.random.default_rng(0).bytes(4096))
 
-    args = ["verify", "--run", "t", "--output-dir", str(tmp_path), "--max-rows", "2", "--max-samples", "0"]
+    args = ["verify", "--run", "t", "--models-dir", str(tmp_path), "--max-rows", "2", "--max-samples", "0"]
     res = CliRunner().invoke(cli.main, args, env={"TEST_MODE": ""})
     assert res.exit_code == 2, res.output
     message = res.output[res.output.index("verify FAILED"):]

@@ -29,7 +29,7 @@ FAST_TRAIN = {
 
 
 def make_cfg(tmp_path, source, **keys):
-    values = {"output_dir": str(tmp_path), "run": "t", "model.source": str(source), **FAST_TRAIN}
+    values = {"models_dir": str(tmp_path), "run": "t", "model.source": str(source), **FAST_TRAIN}
     values.update({k.replace("__", "."): v for k, v in keys.items()})
     return load_config(None, values, env={})
 
@@ -55,7 +55,7 @@ def trained(tmp_path_factory, tiny_hf_model):
 @pytest.mark.parametrize("model_type", ["llama", "granite", "granitemoehybrid"])
 def test_qlora_chain_per_architecture(trained, model_type):
     cfg, result = trained(model_type)
-    out = Path(cfg.output_dir) / "t"
+    out = Path(cfg.models_dir) / "t"
     adapter_cfg = json.loads((out / "adapters" / "adapter_config.json").read_text())
     base_manifest = json.loads((out / "base-quantized" / "manifest.json").read_text())
     # The adapter records the identity of the base it was trained on.
@@ -83,7 +83,7 @@ def test_cpu_dequantized_training_matches_the_quantized_model(trained):
     from pipeline.modeling import cast_floats, load_model
 
     cfg, _ = trained("llama")
-    out = Path(cfg.output_dir) / "t"
+    out = Path(cfg.models_dir) / "t"
     rows = [json.loads(line) for line in (out / "data" / "valid.jsonl").read_text().splitlines()]
     dense, tok, _ = load_model(out / "base-quantized", "float32")
     load_adapters(dense, str(out / "adapters"))
@@ -115,7 +115,7 @@ def test_evaluate_and_generate(trained):
 
 def test_resume_continues_from_the_newest_checkpoint(trained, tmp_path):
     cfg, _ = trained("granite")
-    run = Path(cfg.output_dir) / "t"
+    run = Path(cfg.models_dir) / "t"
     partial = run / ".adapters.partial"
     shutil.copytree(run / "adapters", partial)
     shutil.rmtree(partial / "checkpoints" / "step-0000004")
@@ -179,7 +179,7 @@ def test_base_normalises_a_transformers5_config(tiny_hf_model, tmp_path):
 
 def test_quantize_reports_sizes(trained):
     cfg, _ = trained("llama")
-    manifest = json.loads((Path(cfg.output_dir) / "t" / "base-quantized" / "manifest.json").read_text())
+    manifest = json.loads((Path(cfg.models_dir) / "t" / "base-quantized" / "manifest.json").read_text())
     report = manifest["report"]
     assert report["size_after"] < report["size_before"] / 3
     # 4-bit values + fp32 scale and bias per 32 weights = 6 bits; the unquantized norms add a little.
@@ -236,7 +236,7 @@ def test_phases_name_the_missing_step(tmp_path):
 def test_cli_train_without_data_exits_2(tmp_path, monkeypatch):
     for var in ("TEST_MODE", "LORA_RANK", "RUN", "MODELS_DIR", "USE_LORA"):
         monkeypatch.delenv(var, raising=False)
-    r = CliRunner().invoke(cli.main, ["train", "--output-dir", str(tmp_path), "--run", "x"])
+    r = CliRunner().invoke(cli.main, ["train", "--models-dir", str(tmp_path), "--run", "x"])
     assert r.exit_code == 2
     assert "make data" in r.output and "Traceback" not in r.output
 
@@ -261,7 +261,7 @@ def test_cli_runs_eval_and_generate(trained, monkeypatch):
     for var in ("TEST_MODE", "LORA_RANK", "RUN", "MODELS_DIR", "USE_LORA", "QUANTIZE"):
         monkeypatch.delenv(var, raising=False)
     cfg, _ = trained("granitemoehybrid")
-    common = ["--output-dir", cfg.output_dir, "--run", "t"]
+    common = ["--models-dir", cfg.models_dir, "--run", "t"]
     r = CliRunner().invoke(cli.main, ["eval", *common, "--max-samples", "2", "--max-tokens", "4", "--skip-base"])
     assert r.exit_code == 0, r.output
     assert "base + adapter" in r.output

@@ -125,7 +125,7 @@ def test_cli_rebase_strict(export_runs, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     root = export_runs.trained("llama")
     copy_run(root, "cli-rebase")
-    r = CliRunner().invoke(cli.main, ["fuse", "--output-dir", str(root), "--run", "cli-rebase", "--rebase", "--strict"])
+    r = CliRunner().invoke(cli.main, ["fuse", "--models-dir", str(root), "--run", "cli-rebase", "--rebase", "--strict"])
     assert r.exit_code == 0, r.output
     manifest = _manifest(root / "cli-rebase" / "fused")
     assert manifest["rebased"] is True and manifest["dtype"] == "bfloat16"

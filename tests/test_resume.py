@@ -41,15 +41,15 @@ TRAIN = {
 ENV_VARS = sorted({f.metadata["env"] for f in KEYS.values() if f.metadata["env"]} | {"USE_LORA"})
 
 
-def cfg_for(output_dir: Path, **keys):
-    values = {"output_dir": str(output_dir), "run": "t", "model.source": "unused", **PREP, **TRAIN}
+def cfg_for(models_dir: Path, **keys):
+    values = {"models_dir": str(models_dir), "run": "t", "model.source": "unused", **PREP, **TRAIN}
     values.update({k.replace("__", "."): v for k, v in keys.items()})
     return load_config(None, values, env={})
 
 
-def cli_args(output_dir: Path, **keys) -> list[str]:
+def cli_args(models_dir: Path, **keys) -> list[str]:
     values = {**TRAIN, **{k.replace("__", "."): v for k, v in keys.items()}}
-    args = ["train", "--output-dir", str(output_dir), "--run", "t"]
+    args = ["train", "--models-dir", str(models_dir), "--run", "t"]
     for k, v in values.items():
         args += [f"--{k.split('.')[-1].replace('_', '-')}", str(v)]
     return args
@@ -85,9 +85,9 @@ def env() -> dict:
     return e
 
 
-def start_cli(output_dir: Path, *extra: str, log: Path) -> subprocess.Popen:
+def start_cli(models_dir: Path, *extra: str, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cli_args(output_dir), *extra],
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cli_args(models_dir), *extra],
                                 cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
 
 

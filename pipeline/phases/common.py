@@ -11,11 +11,16 @@ from ..fsio import clean_stale
 from ..paths import RunPaths
 
 
-def start_phase(cfg: Config, title: str, sections: list[str]) -> float:
-    click.secho(f"== {title} (run '{cfg.run}') ==", bold=True)
+def start_phase(cfg: Config, title: str, sections: list[str], given: dict | None = None) -> float:
+    """`given`: the paths of the guides' form (no run folder: nothing of models/<run>/ is touched)."""
+    if given:
+        click.secho(f"== {title} ({', '.join(f'{k} {v}' for k, v in given.items())}) ==", bold=True)
+    else:
+        click.secho(f"== {title} (run '{cfg.run}') ==", bold=True)
     click.echo("resolved config:")
-    click.echo(format_config(cfg, sections))
-    clean_run_folder(cfg)
+    click.echo(format_config(cfg, sections, run_keys=not given))
+    if not given:
+        clean_run_folder(cfg)
     return time.time()
 
 

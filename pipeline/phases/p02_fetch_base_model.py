@@ -57,7 +57,7 @@ def fetch_base_model(cfg) -> FetchResult:
         elif Path(source).exists():
             check_not_inside(out, source, "model.source")
             info = copy_local(Path(source), tmp)
-        elif _looks_like_repo_id(source):
+        elif looks_like_repo_id(source):
             info = download_hub(source, cfg.model.revision, tmp)
         else:
             raise MissingInputError(
@@ -189,12 +189,22 @@ def _drop_auto_map(out: Path) -> None:
             write_json(out / name, data)
 
 
-def _looks_like_repo_id(s: str) -> bool:
+def looks_like_repo_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/"))
 
 
 def download_hub(repo_id: str, revision: str | None, out: Path) -> dict:
+    cached = hub_snapshot(repo_id, revision)
+    info = copy_local(cached, out)
+    info.update(kind="hub", repo_id=repo_id, revision=revision, commit=cached.name)
+    if revision is None:
+        click.secho(f"note: {repo_id} is not pinned; resolved commit {cached.name}. Set model.revision to pin it.", fg="yellow")
+    return info
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The repo's files in the Hugging Face cache (downloaded there first when online)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -212,8 +222,4 @@ def download_hub(repo_id: str, revision: str | None, out: Path) -> dict:
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise MissingInputError(f"{repo_id}@{revision or 'main'}: {e}") from None
-    info = copy_local(cached, out)
-    info.update(kind="hub", repo_id=repo_id, revision=revision, commit=cached.name)
-    if revision is None:
-        click.secho(f"note: {repo_id} is not pinned; resolved commit {cached.name}. Set model.revision to pin it.", fg="yellow")
-    return info
+    return cached

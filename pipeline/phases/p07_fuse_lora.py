@@ -25,10 +25,12 @@ from pathlib import Path
 
 import click
 
-from ..errors import PipelineError
+from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
-from ..manifest import read_manifest, write_manifest
-from ..paths import RunPaths
+from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..modeling import check_weight_files
+from ..untrusted.safetensors_header import check_safetensors
+from ..paths import GivenPaths, RunPaths, check_given_output
 from ..survival import end_to_end, fused_layer_stats, lost, lost_message, summarize_layers, summary_lines
 from .common import done, start_phase
 
@@ -59,17 +61,26 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
 
     from ..modeling import cast_floats
 
-    started = start_phase(cfg, "07 fuse", ["fuse"])
+    given = isinstance(paths, GivenPaths)  # the guides' form: --base-model --adapter-path --output-dir
+    started = start_phase(cfg, "07 fuse", ["fuse"], given=paths.given if given else None)
     paths = paths or RunPaths(cfg)
-    read_manifest(paths.adapters, "train")
-    adapter_cfg = json.loads((paths.adapters / "adapter_config.json").read_text())
     rebase = bool(getattr(cfg.fuse, "rebase", False))
     strict = bool(getattr(cfg.fuse, "strict", False))
+    if given:
+        check_given_output(paths.fused, {"the base model": paths.train_base, "the adapter": paths.adapters},
+                           "07_fuse_lora")
+        if rebase:
+            raise PipelineError("--rebase finds the original full-precision base through a run's manifests; with "
+                                "--base-model, fuse into that base directly (--de-quantize for full precision).")
+    adapter_cfg = read_adapter(paths.adapters, given)
     if rebase:
         base, base_hash, trained_on = check_rebase(cfg, paths, adapter_cfg)
     else:
         base = paths.train_base
-        read_manifest(base, "quantize" if cfg.quantize.enabled else "base")
+        if given and not (base / MANIFEST).is_file():
+            check_weight_files(base)  # a folder from elsewhere: headers validated before MLX reads it
+        else:
+            read_manifest(base, "quantize" if cfg.quantize.enabled else "base")
         base_hash = check_same_base(adapter_cfg, paths.adapters, base)
         trained_on = None
 
@@ -77,7 +88,11 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     # With --rebase: the original full-precision base, dense.
     model, _, config = load(str(base), return_config=True)
     base_dtype = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
-    load_adapters(model, str(paths.adapters))  # full fine-tuning: the weights themselves
+    try:
+        load_adapters(model, str(paths.adapters))  # full fine-tuning: the weights themselves
+    except (ValueError, KeyError) as e:  # mlx-lm's shape / missing-key errors: made for another model
+        raise PipelineError(f"The adapter in {paths.adapters} does not fit {base} ({e}): it was trained on "
+                            "another base model. Fuse it into the base it was trained on.") from None
     dequantize = cfg.fuse.dequantize or rebase
     adapted: dict = {}
     fused, delta_error = fuse_layers(model, dequantize, adapted)
@@ -104,7 +119,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         save_config(dict(config), tmp / "config.json")
         copy_tokenizer_files(paths.base if (paths.base / "config.json").is_file() else base, tmp)
         del model
-        if fused:  # end to end: only when there are adapter layers (full fine-tuning has none)
+        if fused and paths.data is not None:  # end to end: adapter layers (not full fine-tuning) and data
             survival["end_to_end"] = end_to_end(paths.train_base if rebase else base, paths.adapters, tmp, base,
                                                 paths.data / "valid.jsonl")
         survival["lost"] = lost(survival)
@@ -181,17 +196,56 @@ def check_rebase(cfg, paths: RunPaths, adapter_cfg: dict) -> tuple[Path, str, di
     return paths.base, actual, {"path": str(paths.quantized), "content_hash": quantized_hash}
 
 
+def resolve_base(base_model: str) -> Path:
+    """--base-model: a local folder, else a Hub repo id resolved to its cached snapshot."""
+    from .p02_fetch_base_model import hub_snapshot, looks_like_repo_id
+
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MissingInputError(f"--base-model {base_model}: no config.json there, not a model folder.")
+        return path
+    if looks_like_repo_id(base_model):
+        return hub_snapshot(base_model, None)
+    raise MissingInputError(f"--base-model {base_model}: no such folder, and not a Hub repo id (owner/name).")
+
+
+def read_adapter(adapters: Path, given: bool) -> dict:
+    """adapter_config.json; an adapter of a run is also checked against its 04 manifest. A given
+    folder from elsewhere (`mlx_lm lora`) has no manifest: its header is validated instead."""
+    if not given or (adapters / MANIFEST).is_file():
+        read_manifest(adapters, "train")
+    elif not (adapters / "adapters.safetensors").is_file():
+        raise MissingInputError(f"{adapters} has no adapters.safetensors: --adapter-path must be the folder "
+                                "`mlx-pipeline train` (adapters/) or `mlx_lm lora` (--adapter-path) wrote.")
+    else:
+        check_safetensors(adapters / "adapters.safetensors")
+    try:
+        return json.loads((adapters / "adapter_config.json").read_text())
+    except FileNotFoundError:
+        raise MissingInputError(f"{adapters} has no adapter_config.json (rank, scale and layers of the adapter): "
+                                "pass the whole folder training wrote.") from None
+    except ValueError as e:
+        raise PipelineError(f"{adapters}/adapter_config.json is not valid JSON ({e}).") from None
+
+
 def check_same_base(adapter_cfg: dict, adapters: Path, base: Path) -> str:
-    """Refuse an adapter trained on another base: its deltas would be added to the wrong weights."""
+    """Refuse an adapter trained on another base: its deltas would be added to the wrong weights.
+    An adapter made outside the pipeline records no hash: mlx-lm's shape checks are all there is."""
     recorded = adapter_cfg.get("base_model") or {}
     actual = hash_model_dir(base)
+    if "content_hash" not in recorded:
+        click.echo(f"note: {adapters} records no base model hash (not made by `mlx-pipeline train`); "
+                   "only the shapes of its layers are checked against the base.")
+        return actual
     if recorded.get("content_hash") != actual:
         raise PipelineError(
             f"The adapter in {adapters} was trained on {recorded.get('path', 'an unrecorded base')} "
-            f"(content hash {str(recorded.get('content_hash'))[:16]}), but this run's training base {base} "
-            f"has content hash {actual[:16]}. Fusing would add its deltas to the wrong weights. Retrain on "
-            "this base (`make train` / `mlx-pipeline train`), or point the run at the base the adapter was "
-            "trained on (--run / --output-dir; quantize.enabled selects base-quantized/ or base/)."
+            f"(content hash {str(recorded.get('content_hash'))[:16]}), but the base {base} "
+            f"has content hash {actual[:16]}. Fusing would add its deltas to the wrong weights. Fuse into the "
+            f"base it was trained on (--base-model {recorded.get('path', 'PATH')}, or in a run: --run / "
+            "--models-dir; quantize.enabled selects base-quantized/ or base/), or retrain on this base "
+            "(`make train` / `mlx-pipeline train`)."
         )
     return actual
 

@@ -21,8 +21,9 @@ import click
 from .. import arch
 from ..errors import PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
-from ..manifest import read_manifest, write_manifest
-from ..paths import RunPaths
+from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..modeling import check_weight_files, read_config
+from ..paths import GivenPaths, RunPaths, check_given_output
 from .common import done, start_phase
 from .p07_fuse_lora import copy_tokenizer_files
 
@@ -41,18 +42,28 @@ class HFResult:
 def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
     import mlx.core as mx
 
-    started = start_phase(cfg, "08 convert to Hugging Face", ["export"])
+    given = isinstance(paths, GivenPaths)  # the guides' form: --mlx-model DIR --output-dir DIR
+    started = start_phase(cfg, "08 convert to Hugging Face", ["export"], given=paths.given if given else None)
     paths = paths or RunPaths(cfg)
-    fused_manifest = read_manifest(paths.fused, "fuse")
-    read_manifest(paths.base, "base")
-    base_config = json.loads((paths.base / "config.json").read_text())
+    if given:
+        # A folder from elsewhere (`mlx_lm fuse`) has no manifest: its own config.json is the base's
+        # (mlx-lm keeps the Hub form and adds `quantization`, which hf_config removes).
+        check_given_output(paths.hf, {"the MLX model": paths.fused}, "08_convert_to_hf")
+        fused_manifest = read_manifest(paths.fused, "fuse") if (paths.fused / MANIFEST).is_file() else {}
+        check_weight_files(paths.fused)
+        config_dir = paths.fused
+    else:
+        fused_manifest = read_manifest(paths.fused, "fuse")
+        read_manifest(paths.base, "base")
+        config_dir = paths.base
+    base_config = read_config(config_dir)
 
     weights, mlx_config = dense_weights(paths.fused, getattr(mx, cfg.export.dtype))
     model_type = mlx_config["model_type"]
     if base_config.get("model_type") != model_type:
         raise PipelineError(
             f"{paths.fused} is a {model_type} model but {paths.base}/config.json says "
-            f"{base_config.get('model_type')}. Re-run `make fuse` for this run."
+            f"{base_config.get('model_type')}. Re-run `make fuse` for this run (or 07 on the right base)."
         )
     weights = arch.get(model_type).to_hf_weights(weights, mlx_config)
     config, changes = hf_config(base_config, cfg.export.dtype, tied="lm_head.weight" not in weights)
@@ -65,7 +76,7 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
         tmp.mkdir()
         shards = save_shards(weights, tmp, int(cfg.export.max_shard_gb * 1e9))
         write_json(tmp / "config.json", config)
-        copied = copy_tokenizer_files(paths.base, tmp)
+        copied = copy_tokenizer_files(config_dir, tmp)
         if "generation_config.json" not in copied:
             ids = ("bos_token_id", "eos_token_id", "pad_token_id")
             write_json(tmp / "generation_config.json", {k: config[k] for k in ids if k in config})
@@ -73,9 +84,10 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
         write_manifest(
             tmp, "08_convert_to_hf", cfg, started,
             inputs={
-                "fused": {"path": str(paths.fused), "content_hash": fused_manifest["outputs"]["content_hash"],
+                "fused": {"path": str(paths.fused),
+                          "content_hash": fused_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(paths.fused),
                           "dequantized": fused_manifest.get("dequantized")},
-                "config": str(paths.base / "config.json"),
+                "config": str(config_dir / "config.json"),
             },
             outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "shards": shards, "size_bytes": size,
                      "tensors": len(weights)},

@@ -134,6 +134,104 @@ def convert_to_gguf(cfg) -> GGUFResult:
     return GGUFResult(out, files, table, parameters)
 
 
+def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
+    """The guides' form: `--hf-model DIR --output PREFIX --quantization Q4_K_M[,Q8_0]` writes
+    PREFIX-<TYPE>.gguf for each type, and PREFIX.manifest.json. DIR may also be an MLX model
+    folder (`mlx_lm fuse`, 07), converted by 08 into a temporary folder first. The unquantized
+    file is kept only when asked for (--quantization F16)."""
+    import tempfile
+
+    from ..paths import GivenPaths
+    from .p08_convert_to_hf import convert_to_hf
+
+    source, prefix = Path(source), Path(prefix)
+    started = start_phase(cfg, "09 convert to GGUF", ["gguf"], given={"model": source, "output": f"{prefix}-*.gguf"})
+    if prefix.name.endswith(".gguf") or not prefix.name:
+        raise PipelineError(f"--output {prefix}: give a prefix such as {prefix.parent / 'my-model'}; the files are "
+                            "named PREFIX-Q4_K_M.gguf and so on.")
+    ignored = [k for k in ("native", "adapter_gguf", "imatrix") if getattr(cfg.gguf, k)]
+    if ignored:
+        click.echo(f"note: gguf.{', gguf.'.join(ignored)} need a run folder (its adapter and data); "
+                   "not made with --hf-model.")
+    llamacpp.require_converter()
+    llamacpp.check_runtime()
+    check_weight_files(source)
+    model_type = check_model_type(source)
+    outtype = cfg.gguf.outtype.upper()
+    types = list(dict.fromkeys(cfg.gguf.quantizations))
+    files = {t: prefix.parent / f"{prefix.name}-{t}.gguf" for t in dict.fromkeys([outtype, *types])}
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    manifest_name = f"{prefix.name}.manifest.json"
+    _check_given_files(prefix.parent / manifest_name, [f for t, f in files.items() if t in types])
+    ensure_free_space(prefix.parent, gguf_size_estimate(source, [outtype, *types]), f"the GGUF files ({', '.join(types)})")
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=f".{prefix.name}-work-") as work:
+        hf = source
+        if is_mlx_folder(source):  # MLX names, maybe quantized: 08 makes the HF folder the converter reads
+            click.echo(f"{source} is an MLX model folder: converting it to Hugging Face first (phase 08)")
+            hf = Path(work) / "hf"
+            convert_to_hf(cfg, GivenPaths(cfg, fused=source, hf=hf))
+        check_convertible(hf)
+        unquantized = files[outtype] if outtype in types else Path(work) / f"{prefix.name}-{outtype}.gguf"
+        total = len(types) + (outtype not in types)
+        steps = iter(range(1, total + 1))
+        t0 = time.time()
+        with atomic_path(unquantized, suffix=".gguf") as tmp:
+            _step(next(steps), total, outtype, f"llama.cpp's converter on {hf}")
+            _convert(hf, tmp, cfg.gguf.outtype)
+        _record(timings, outtype, unquantized, t0)
+        parameters = gguf_parameters(unquantized)
+        for t in types:
+            if t == outtype:
+                continue
+            t0 = time.time()
+            with atomic_path(files[t], suffix=".gguf") as tmp:
+                _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
+                llamacpp.quantize(unquantized, tmp, t, cfg.gguf.threads)
+            _record(timings, t, files[t], t0)
+    table = [{"type": t, "file": files[t].name, "size_bytes": files[t].stat().st_size,
+              "bits_per_weight": round(files[t].stat().st_size * 8 / parameters, 2), "seconds": timings[t]}
+             for t in types]
+    write_manifest(
+        prefix.parent, "09_convert_to_gguf", cfg, started, name=manifest_name,
+        inputs={"model": str(source), "model_type": model_type, "content_hash": hash_model_dir(source)},
+        outputs={"files": {r["type"]: {**r, "path": str(files[r["type"]]), "sha256": sha256_file(files[r["type"]])}
+                           for r in table}},
+        parameters=parameters,
+        toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),
+                   "quantizer": str(llamacpp.quantize_binary() or "llama_cpp.llama_model_quantize")},
+    )
+    click.echo(format_table(table, parameters))
+    done(f"GGUF files ready: {', '.join(str(files[t]) for t in types)}")
+    return GGUFResult(prefix.parent, {t: files[t] for t in types}, table, parameters)
+
+
+def is_mlx_folder(model_dir: Path) -> bool:
+    """Written by MLX (mlx-lm's save_model marks its safetensors 'mlx'; HF writers mark them 'pt'),
+    or quantized the MLX way: either way not what llama.cpp's converter reads."""
+    from safetensors import safe_open
+
+    if "quantization" in read_config(model_dir):
+        return True
+    first = sorted(Path(model_dir).glob("*.safetensors"))[0]
+    with safe_open(str(first), framework="numpy") as f:
+        return (f.metadata() or {}).get("format") == "mlx"
+
+
+def _check_given_files(manifest: Path, files: list[Path]) -> None:
+    """Replace only GGUF files that an earlier run of this command wrote (listed in its manifest)."""
+    import json
+
+    try:
+        ours = {Path(f["path"]).name for f in json.loads(manifest.read_text())["outputs"]["files"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ours = set()
+    theirs = [str(f) for f in files if f.exists() and f.name not in ours]
+    if theirs:
+        raise PipelineError(f"{', '.join(theirs)} already exist(s) and were not written by this command "
+                            f"(not in {manifest.name}). Nothing was changed; choose another --output prefix.")
+
+
 def _native_source(cfg, paths: RunPaths) -> tuple[RunPaths, str]:
     """Where the native GGUF comes from: fused/ when it kept MLX's quantization; for a QLoRA run
     fused --de-quantize, a second fuse of the same adapter without de-quantizing (fused-native/)."""

@@ -1,4 +1,6 @@
 """python scripts/phase4-fine-tune-model/07_fuse_lora.py --no-dequantize
+python scripts/phase4-fine-tune-model/07_fuse_lora.py --base-model models/demo/base-quantized \
+    --adapter-path models/demo/adapters --output-dir fused-model --de-quantize
 
 Same as `mlx-pipeline fuse`; `--help` lists every option (flags > environment > YAML > defaults).
 `--de-quantize` writes full-precision weights (about parameters x 2 bytes in bf16).

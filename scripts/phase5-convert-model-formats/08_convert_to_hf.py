@@ -1,6 +1,6 @@
-"""python scripts/phase5-convert-model-formats/08_convert_to_hf.py --dtype bfloat16
+"""python scripts/phase5-convert-model-formats/08_convert_to_hf.py --mlx-model fused-model --output-dir hf-model
 
-Same as `mlx-pipeline hf`; `--help` lists every option (flags > environment > YAML > defaults).
+Same as `mlx-pipeline hf` (without --mlx-model: the run's fused/ to hf/); `--help` lists every option.
 """
 
 import sys
