@@ -151,7 +151,8 @@ class GGUFConfig:
     quantizations: list = opt(
         ["Q4_K_M", "Q5_K_M", "Q8_0"],
         "GGUF types quantized from it by llama.cpp's quantizer.",
-        choices=["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K"],
+        choices=["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+                 "Q3_K_M", "Q2_K"],
         env="QUANTS",
     )
     threads: int = opt(0, "Quantizer threads (0 = all cores).", minimum=0)

@@ -98,7 +98,9 @@ def test_hf_path_form_loads_in_transformers_like_mlx(chain):
     assert np.abs(mlx_logits - hf_logits).max() < 0.05 * np.abs(mlx_logits).max()
 
 
-def _kl_vs_mlx(gguf: Path, mlx_dir: Path) -> float:
+def _gguf_vs_mlx(gguf: Path, mlx_dir: Path) -> tuple[float, float]:
+    """(max |logit difference| / the logits' spread, top-1 agreement) of llama.cpp vs MLX. A tiny
+    random model's softmax is near-uniform, so a KL would say little: the logits are compared."""
     import llama_cpp
     import mlx.core as mx
     from mlx_lm.utils import load
@@ -113,10 +115,9 @@ def _kl_vs_mlx(gguf: Path, mlx_dir: Path) -> float:
     llm.eval(ids)
     q = np.array(llm.scores[: len(ids)], dtype=np.float64)
     llm.close()
-    lp = p - np.log(np.exp(p - p.max(-1, keepdims=True)).sum(-1, keepdims=True)) - p.max(-1, keepdims=True)
-    lq = q - np.log(np.exp(q - q.max(-1, keepdims=True)).sum(-1, keepdims=True)) - q.max(-1, keepdims=True)
-    assert np.exp(lp).max(-1).mean() > 0.05, "near-uniform logits would make the KL meaningless"
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    spread = (p.max(-1) - p.min(-1)).mean()
+    assert spread > 1.0, spread
+    return float(np.abs(p - q).max() / spread), float((p.argmax(-1) == q.argmax(-1)).mean())
 
 
 def test_gguf_path_form_writes_prefix_files(chain):
@@ -126,7 +127,8 @@ def test_gguf_path_form_writes_prefix_files(chain):
     manifest = json.loads((out / "gguf" / "tiny.manifest.json").read_text())
     assert set(manifest["outputs"]["files"]) == {"Q8_0", "F16"}
     assert "bits/weight" in chain["logs"]["gguf"]
-    assert _kl_vs_mlx(out / "gguf" / "tiny-F16.gguf", out / "fused-dq") < 1e-3
+    error, top1 = _gguf_vs_mlx(out / "gguf" / "tiny-F16.gguf", out / "fused-dq")
+    assert error < 5e-3 and top1 == 1.0, (error, top1)
 
 
 def test_gguf_path_form_accepts_a_quantized_mlx_folder(chain):
@@ -135,7 +137,8 @@ def test_gguf_path_form_accepts_a_quantized_mlx_folder(chain):
     log = ok(run(GGUF, "--hf-model", out / "fused-q", "--output", out / "from-mlx" / "q", "--quantization", "Q8_0"))
     assert "is an MLX model folder" in log
     assert sorted(p.name for p in (out / "from-mlx").iterdir()) == ["q-Q8_0.gguf", "q.manifest.json"]
-    assert _kl_vs_mlx(out / "from-mlx" / "q-Q8_0.gguf", out / "fused-q") < 2e-2
+    error, top1 = _gguf_vs_mlx(out / "from-mlx" / "q-Q8_0.gguf", out / "fused-q")
+    assert error < 5e-2 and top1 >= 0.9, (error, top1)
 
 
 def test_path_form_refuses_another_bases_adapter(trained, export_runs, tmp_path):

@@ -213,11 +213,13 @@ def resolve_base(base_model: str) -> Path:
 def read_adapter(adapters: Path, given: bool) -> dict:
     """adapter_config.json; an adapter of a run is also checked against its 04 manifest. A given
     folder from elsewhere (`mlx_lm lora`) has no manifest: its header is validated instead."""
-    if not given or (adapters / MANIFEST).is_file():
+    if not given:
         read_manifest(adapters, "train")
     elif not (adapters / "adapters.safetensors").is_file():
         raise MissingInputError(f"{adapters} has no adapters.safetensors: --adapter-path must be the folder "
                                 "`mlx-pipeline train` (adapters/) or `mlx_lm lora` (--adapter-path) wrote.")
+    elif (adapters / MANIFEST).is_file():
+        read_manifest(adapters, "train")
     else:
         check_safetensors(adapters / "adapters.safetensors")
     try:

@@ -157,8 +157,9 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     llamacpp.check_runtime()
     check_weight_files(source)
     model_type = check_model_type(source)
-    outtype = cfg.gguf.outtype.upper()
     types = list(dict.fromkeys(cfg.gguf.quantizations))
+    # F16 / BF16 in the list: the converter's own file is kept (and is the quantizer's source)
+    outtype = next((t for t in types if t in ("F16", "BF16")), cfg.gguf.outtype.upper())
     files = {t: prefix.parent / f"{prefix.name}-{t}.gguf" for t in dict.fromkeys([outtype, *types])}
     prefix.parent.mkdir(parents=True, exist_ok=True)
     manifest_name = f"{prefix.name}.manifest.json"
@@ -178,7 +179,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
         t0 = time.time()
         with atomic_path(unquantized, suffix=".gguf") as tmp:
             _step(next(steps), total, outtype, f"llama.cpp's converter on {hf}")
-            _convert(hf, tmp, cfg.gguf.outtype)
+            _convert(hf, tmp, outtype.lower())
         _record(timings, outtype, unquantized, t0)
         parameters = gguf_parameters(unquantized)
         for t in types:
