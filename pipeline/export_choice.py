@@ -97,8 +97,8 @@ def _pick(rows: list[dict], type_name: str | None, file: str | None) -> dict:
         if type_name and _type_key(r) == type_name.upper():
             return r
     what = f"--file {file}" if file else f"--type {type_name}"
-    raise PipelineError(f"{what}: no such verified export. Verified: "
-                        f"{', '.join(f'{_type_key(r)} ({r['file']})' for r in rows)}.")
+    verified = ", ".join(f"{_type_key(r)} ({r['file']})" for r in rows)
+    raise PipelineError(f"{what}: no such verified export. Verified: {verified}.")
 
 
 def _type_key(row: dict) -> str:

@@ -118,7 +118,7 @@ def test_refuses_an_adapter_trained_on_another_base(export_runs):
     msg = str(e.value)
     assert str(run / "base-quantized") in msg and str(root / "t" / "base-quantized") in msg
     adapter_hash = json.loads((run / "adapters" / "adapter_config.json").read_text())["base_model"]["content_hash"]
-    assert adapter_hash[:16] in msg and "Retrain" in msg
+    assert adapter_hash[:16] in msg and "retrain on this base" in msg and "--base-model" in msg
     assert not (run / "fused").exists() and not list(run.glob(".fused*"))
 
 

@@ -80,7 +80,7 @@ def test_cli_quantization_alone_replaces_stale_outputs(tmp_path, tmp_path_factor
 def test_quantizations_from_environment_and_flags(fresh_env):
     assert load_config(None, {}, env={"QUANTS": "Q4_K_M Q8_0"}).gguf.quantizations == ["Q4_K_M", "Q8_0"]
     assert load_config(None, {"gguf.quantizations": "Q5_K_M,Q8_0"}, env=fresh_env).gguf.quantizations == ["Q5_K_M", "Q8_0"]
-    with pytest.raises(PipelineError, match="Q4_K_X not allowed; choose from: Q8_0"):
+    with pytest.raises(PipelineError, match="Q4_K_X not allowed; choose from: F16, BF16, Q8_0"):
         load_config(None, {"gguf.quantizations": "Q4_K_X"}, env=fresh_env)
     assert {llamacpp.ftype(t) for t in ("Q4_K_M", "Q5_K_M", "Q8_0")} == {15, 17, 7}
 

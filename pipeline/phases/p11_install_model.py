@@ -52,6 +52,7 @@ def install_model(cfg, type_name: str | None = None, file: str | None = None, fo
     if uninstall:
         return _uninstall(cfg, folder, previous, dry_run)
 
+    # Everything is decided (choice, folders checked, Modelfile text) before anything is placed.
     choice = choose_export(cfg, type_name, file, force)
     click.echo(f"chose {choice.gguf.name}{' + ' + choice.lora.name if choice.lora else ''}: {choice.reason}")
     name = model_name(cfg)
@@ -60,8 +61,13 @@ def install_model(cfg, type_name: str | None = None, file: str | None = None, fo
     plan = []  # (target, source file, destination)
     if "lmstudio" in targets:
         plan += _lmstudio_plan(cfg, choice, name, force, dry_run)
+    system = _system_prompt(paths)
+    ollama_dir = folder / "ollama"
     if "ollama" in targets:
-        plan += [("ollama", f, folder / "ollama" / f.name) for f in choice.files]
+        plan += [("ollama", f, ollama_dir / f.name) for f in choice.files]
+        text, notes = modelfile(choice, system)
+        for n in notes:
+            click.secho(f"ollama: {n}", fg="yellow")
     stale = [p for p in _installed_paths(previous) if p not in {str(d) for _, _, d in plan}]
 
     if dry_run:
@@ -69,33 +75,52 @@ def install_model(cfg, type_name: str | None = None, file: str | None = None, fo
             click.echo(f"would place {src} -> {dst} ({target})")
         for p in stale:
             click.echo(f"would remove the earlier install's {p}")
+        if "ollama" in targets:
+            click.echo(f"would write {ollama_dir / 'Modelfile'}:\n{text}")
     else:
-        for target, src, dst in plan:
-            how = place(src, dst)
-            result.installed.append({"target": target, "path": str(dst), "how": how, "source": str(src)})
-            click.echo(f"{target}: {dst} ({how}, {human_size(dst.stat().st_size)})")
+        result.installed = _place_all(plan)
+        if "ollama" in targets:
+            result.modelfile = ollama_dir / "Modelfile"
+            write_text(result.modelfile, text)
+            click.echo(f"ollama: wrote {result.modelfile}")
         result.removed = _remove_files(stale, cfg)
-    system = _system_prompt(paths)
+        write_manifest(folder, "11_install_model", cfg, started,
+                       inputs={"verify_report": str(paths.verify / "report.json"), "choice": choice.row,
+                               "reason": choice.reason},
+                       outputs={"installed": result.installed, "removed": result.removed,
+                                "modelfile": str(result.modelfile) if result.modelfile else None,
+                                "ollama_model": name.lower() if "ollama" in targets else None})
+    # Other programs last: their failure leaves a complete, recorded install behind.
     if "lmstudio" in targets:
         result.commands += _lms_commands(cfg, name, lms and not dry_run)
     if "ollama" in targets:
-        result.modelfile, commands = _ollama(cfg, choice, folder / "ollama", name, system, dry_run)
-        result.commands += commands
+        result.commands += _ollama_create(ollama_dir / "Modelfile", name.lower(), dry_run)
     if "llamacpp" in targets:
         result.commands += llamacpp_commands(choice, cfg.serve.port)
     if system:
         click.echo(f"\nThe model was trained with this system prompt; send it (Ollama's SYSTEM does):\n  {system!r}")
     click.echo("\nnext:\n" + "\n".join(f"  {c}" for c in result.commands))
     if not dry_run:
-        write_manifest(folder, "11_install_model", cfg, started,
-                       inputs={"verify_report": str(paths.verify / "report.json"), "choice": choice.row,
-                               "reason": choice.reason},
-                       outputs={"installed": result.installed, "removed": result.removed,
-                                "modelfile": str(result.modelfile) if result.modelfile else None,
-                                "ollama_model": name if "ollama" in targets else None,
-                                "commands": result.commands})
         done(f"installed {choice.type} of run '{cfg.run}'; record in {folder / MANIFEST}")
     return result
+
+
+def _place_all(plan: list[tuple]) -> list[dict]:
+    """Place every file; if one fails (disk full, permissions), take back the ones placed so far
+    that were not there before, so no half install is left."""
+    placed = []
+    try:
+        for target, src, dst in plan:
+            existed = dst.exists()
+            how = place(src, dst)
+            placed.append(({"target": target, "path": str(dst), "how": how, "source": str(src)}, existed))
+            click.echo(f"{target}: {dst} ({how}, {human_size(dst.stat().st_size)})")
+    except BaseException:
+        for entry, existed in placed:
+            if not existed:
+                Path(entry["path"]).unlink(missing_ok=True)
+        raise
+    return [entry for entry, _ in placed]
 
 
 def model_name(cfg) -> str:
@@ -175,25 +200,17 @@ def _lms_commands(cfg, name: str, run: bool) -> list[str]:
     return [shlex.join(cmd)]
 
 
-def _ollama(cfg, choice: Choice, folder: Path, name: str, system: str | None, dry_run: bool):
-    """The Modelfile (and `ollama create` when ollama is on PATH)."""
-    text, notes = modelfile(choice, system)
-    for n in notes:
-        click.secho(f"ollama: {n}", fg="yellow")
-    path = folder / "Modelfile"
-    tag = name.lower()
+def _ollama_create(path: Path, tag: str, dry_run: bool) -> list[str]:
+    """`ollama create` when ollama is on PATH; else the command to run."""
     create = ["ollama", "create", tag, "-f", str(path)]
-    if dry_run:
-        click.echo(f"would write {path}:\n{text}")
-        return path, [shlex.join(create)]
-    write_text(path, text)
-    click.echo(f"ollama: wrote {path}")
-    if shutil.which("ollama"):
-        proc = subprocess.run(create, capture_output=True, text=True, cwd=folder)
-        if proc.returncode != 0:
-            raise PipelineError(f"`{shlex.join(create)}` failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
-        click.echo(f"ollama: created {tag}")
-    return path, ([] if shutil.which("ollama") else [shlex.join(create)]) + [f"ollama run {tag}"]
+    if dry_run or not shutil.which("ollama"):
+        return [shlex.join(create), f"ollama run {tag}"]
+    proc = subprocess.run(create, capture_output=True, text=True, cwd=path.parent)
+    if proc.returncode != 0:
+        raise PipelineError(f"the files are installed, but `{shlex.join(create)}` failed: "
+                            f"{(proc.stderr or proc.stdout).strip()[-400:]} Run it again once ollama works.")
+    click.echo(f"ollama: created {tag}")
+    return [f"ollama run {tag}"]
 
 
 def modelfile(choice: Choice, system: str | None) -> tuple[str, list[str]]:
@@ -213,7 +230,7 @@ def modelfile(choice: Choice, system: str | None) -> tuple[str, list[str]]:
         if '"""' in tmpl.template:
             raise PipelineError('the translated template contains """, which a Modelfile cannot quote')
         lines.append(f'TEMPLATE """{tmpl.template}"""')
-        lines += [f'PARAMETER stop "{s}"' for s in tmpl.stops]
+        lines += [f'PARAMETER stop "{s}"' for s in tmpl.stops if '"' not in s]  # a quote would end the value
         notes += tmpl.warnings
     except PipelineError as e:
         notes.append(f"no TEMPLATE written ({e}); Ollama falls back to guessing from the GGUF's own template.")
