@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from gguf_fixtures import converted_run, copy_run
+from test_ollama_template import go_render  # noqa: F401  (the Go renderer fixture)
 
 from pipeline.data.sample_task import SYSTEM, generate_rows
 from pipeline.errors import MissingInputError, PipelineError
@@ -169,3 +170,43 @@ def test_refusals_leave_nothing(verified, tmp_path):
     report_path.unlink()
     with pytest.raises(MissingInputError, match="make verify"):
         install_model(cfg)
+
+
+@pytest.mark.slow
+def test_make_install_on_a_trained_smollm2(shipped_run, go_render, tmp_path):
+    """`make install` on a real fine-tune: the rules' choice lands in LM Studio's layout, and the
+    Modelfile's TEMPLATE, rendered by Go as Ollama would (SYSTEM prepended), gives exactly the
+    prompt the GGUF's own Jinja template gives for the test chats."""
+    import subprocess
+
+    from test_ollama_template import jinja_prompt
+
+    from pipeline.ollama_template import ollama_data
+    from pipeline.phases.p11_install_model import gguf_chat_metadata
+
+    cfg = shipped_run.cfg
+    env = {k: v for k, v in os.environ.items() if k not in ("TEST_MODE", "RUN", "MODELS_DIR", "TYPE")}
+    env["LMSTUDIO_MODELS_DIR"] = str(tmp_path / "lmstudio")
+    proc = subprocess.run(["make", "install", f"MODELS_DIR={cfg.models_dir}", f"RUN={cfg.run}"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rows = [r for r in shipped_run.report["models"] if not r["file"].endswith("(MLX)")]
+    ref = next(r for r in shipped_run.report["models"] if r["file"].endswith("(MLX)"))
+    expected, _ = _best(rows, ref, shipped_run.report["primary_metric"], 2.0, 0.2)
+    assert f"chose {expected['file'].split(' + ')[0]}" in proc.stdout
+    merged = expected if " + " not in expected["file"] else \
+        _best([r for r in rows if " + " not in r["file"]], ref, shipped_run.report["primary_metric"], 2.0, 0.2)[0]
+    placed = sorted((tmp_path / "lmstudio" / "mlx-pipeline" / f"{cfg.run}-GGUF").iterdir())
+    assert [p.name for p in placed] == [merged["file"]]
+
+    folder = shipped_run.root / "install" / "ollama"
+    text = (folder / "Modelfile").read_text()
+    assert f'SYSTEM """{SYSTEM}"""' in text and 'PARAMETER stop "<|im_end|>"' in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    meta = gguf_chat_metadata(folder / expected["file"].split(" + ")[0])
+    for row in shipped_run.answered_rows()[:6]:
+        user_only = [m for m in row["messages"] if m["role"] != "system"][:-1]  # what a client sends
+        seen = [{"role": "system", "content": SYSTEM}] + user_only  # Ollama prepends SYSTEM
+        assert go_render(template, ollama_data(seen)) == jinja_prompt(meta["template"], meta["special_tokens"],
+                                                                     meta["add_bos"], seen)
