@@ -202,7 +202,7 @@ class InstallConfig:
 @dataclass
 class ServeConfig:
     host: str = opt("127.0.0.1", "Address the server binds to (127.0.0.1: this machine only).")
-    port: int = opt(8080, "TCP port of the OpenAI-compatible server.", env="PORT", minimum=1, maximum=65535)
+    port: int = opt(8080, "TCP port of the OpenAI-compatible server.", minimum=1, maximum=65535)
     n_ctx: int = opt(4096, "Context length the server allocates (tokens).", minimum=64)
 
 
