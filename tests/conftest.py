@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 # Trained/fused tiny runs shared by the export tests (phases 07-10), registered here once.
 from export_fixtures import export_runs  # noqa: F401
+from shipped_fixtures import shipped_run  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_CONFIGS = FIXTURES / "configs"
