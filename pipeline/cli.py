@@ -95,7 +95,7 @@ COMMANDS = {
     "serve": (
         "pipeline.serve:serve",
         ["serve"],
-        ["serve.host", "serve.port", "serve.n_ctx", "install.max_metric_drop", "install.max_kl"],
+        ["serve.host", "serve.port", "serve.n_ctx", "eval.max_tokens", "install.max_metric_drop", "install.max_kl"],
         "Serve the verified GGUF (or base + LoRA pair) with llama.cpp's OpenAI-compatible server.",
     ),
 }
@@ -194,6 +194,8 @@ def make_command(name: str, extra_options=(), call_kwargs=lambda kw, cfg: {}):
             if callable(kwargs):  # another function of the phase module (the guides' path form)
                 return kwargs()
             result = _call(target, cfg, **kwargs)
+            if name == "serve":  # a long-running command: its exit status is the result
+                sys.exit(result)
         except PipelineError as e:
             code = getattr(e, "exit_code", 2)  # 130/143: training stopped by Ctrl-C/SIGTERM, resumable
             click.secho(f"error: {e}" if code == 2 else str(e), fg="red" if code == 2 else "yellow", err=True)

@@ -173,7 +173,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def _port_in_use(host: str, port: int) -> PipelineError:
     return PipelineError(f"Port {port} on {host} is already in use (another server?). Choose another one with "
-                         f"--port (or PORT=..., serve.port), e.g. --port {port + 1}, or stop what listens there.")
+                         f"--port (or serve.port in the YAML), e.g. --port {port + 1}, or stop what listens there.")
 
 
 def _wait_ready(server: ServerProcess, timeout: float) -> None:

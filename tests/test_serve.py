@@ -136,15 +136,14 @@ def test_http_answers_score_as_verify(shipped_run, tmp_path, type_name):
 
 @pytest.mark.slow
 def test_serve_command_prints_usage_and_stops_on_sigint(shipped_run, tmp_path):
-    """`serve(cfg)` in the foreground, as the CLI runs it: it prints why it chose the file, the
-    URL and the examples; the URL answers; Ctrl-C (SIGINT) stops the server and returns 0."""
+    """`mlx-pipeline serve` in the foreground, as a user runs it: it prints why it chose the file,
+    the URL and the examples; the URL answers; Ctrl-C (SIGINT) stops the server and exits 0."""
     cfg = shipped_run.cfg
     port = free_port()
-    script = ("import sys; from pipeline.config import load_config; from pipeline.serve import serve; "
-              f"sys.exit(serve(load_config(None, {{'models_dir': {cfg.models_dir!r}, 'run': {cfg.run!r}, "
-              f"'serve.port': {port}}}, env={{}})))")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RUN", "MODELS_DIR", "TEST_MODE")}
+    cmd = [str(Path(sys.executable).parent / "mlx-pipeline"), "serve", "--models-dir", cfg.models_dir,
+           "--run", cfg.run, "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out, server_pid = [], None
     try:
         deadline = time.monotonic() + 180
