@@ -112,3 +112,12 @@ def check_given_output(out: Path, inputs: dict, phase: str) -> None:
             raise PipelineError(
                 f"{out} already exists and holds files this phase did not write (no {phase} manifest.json). "
                 "Nothing was changed; choose a new output folder, or delete that one yourself.")
+
+
+def require_folder(path: Path, flag: str) -> Path:
+    """An input named on the command line must be an existing folder."""
+    from .errors import MissingInputError
+
+    if not Path(path).is_dir():
+        raise MissingInputError(f"{flag} {path}: no such folder.")
+    return Path(path)

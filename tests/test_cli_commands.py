@@ -85,3 +85,18 @@ def test_top_level_help_lists_the_deploy_commands():
     out = CliRunner().invoke(cli.main, ["--help"], prog_name="mlx-pipeline").output
     for name in ("install", "serve"):
         assert re.search(rf"^\s+{name}\s", out, re.M), out
+
+
+def test_scripts_run_from_a_python_without_the_dependencies(tmp_path):
+    """The guides say `python3 scripts/...`: a python3 lacking mlx re-runs the script in .venv/."""
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    venv = ROOT / ".venv" / "bin" / "python"
+    if not base.is_file() or not venv.is_file():
+        pytest.skip("needs the base interpreter and the project's .venv (make setup)")
+    if subprocess.run([str(base), "-c", "import mlx"], capture_output=True).returncode == 0:
+        pytest.skip("the base interpreter has mlx itself")
+    proc = subprocess.run([str(base), "scripts/phase5-convert-model-formats/08_convert_to_hf.py",
+                           "--mlx-model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "hf")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "ModuleNotFoundError" not in proc.stderr, proc.stderr
+    assert "--mlx-model" in proc.stderr and "no such folder" in proc.stderr and not (tmp_path / "hf").exists(), proc.stderr

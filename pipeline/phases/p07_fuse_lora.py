@@ -30,7 +30,7 @@ from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files
 from ..untrusted.safetensors_header import check_safetensors
-from ..paths import GivenPaths, RunPaths, check_given_output
+from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from ..survival import end_to_end, fused_layer_stats, lost, lost_message, summarize_layers, summary_lines
 from .common import done, start_phase
 
@@ -67,6 +67,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     rebase = bool(getattr(cfg.fuse, "rebase", False))
     strict = bool(getattr(cfg.fuse, "strict", False))
     if given:
+        require_folder(paths.adapters, "--adapter-path")
         check_given_output(paths.fused, {"the base model": paths.train_base, "the adapter": paths.adapters},
                            "07_fuse_lora")
         if rebase:

@@ -23,7 +23,7 @@ from ..errors import PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files, read_config
-from ..paths import GivenPaths, RunPaths, check_given_output
+from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from .common import done, start_phase
 from .p07_fuse_lora import copy_tokenizer_files
 
@@ -48,6 +48,7 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
     if given:
         # A folder from elsewhere (`mlx_lm fuse`) has no manifest: its own config.json is the base's
         # (mlx-lm keeps the Hub form and adds `quantization`, which hf_config removes).
+        require_folder(paths.fused, "--mlx-model")
         check_given_output(paths.hf, {"the MLX model": paths.fused}, "08_convert_to_hf")
         fused_manifest = read_manifest(paths.fused, "fuse") if (paths.fused / MANIFEST).is_file() else {}
         check_weight_files(paths.fused)

@@ -141,7 +141,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     file is kept only when asked for (--quantization F16)."""
     import tempfile
 
-    from ..paths import GivenPaths
+    from ..paths import GivenPaths, require_folder
     from .p08_convert_to_hf import convert_to_hf
 
     source, prefix = Path(source), Path(prefix)
@@ -155,6 +155,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
                    "not made with --hf-model.")
     llamacpp.require_converter()
     llamacpp.check_runtime()
+    require_folder(source, "--hf-model")
     check_weight_files(source)
     model_type = check_model_type(source)
     types = list(dict.fromkeys(cfg.gguf.quantizations))

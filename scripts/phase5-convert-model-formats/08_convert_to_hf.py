@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.cli import run_script  # noqa: E402
+from pipeline.launch import run_script  # noqa: E402
 
 if __name__ == "__main__":
     run_script("hf")
