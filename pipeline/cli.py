@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-import click
-
 from pathlib import Path
+
+import click
 
 from .config import KEYS, _type_name, default_of, load_config
 from .errors import ConfigError, PipelineError
@@ -101,7 +101,7 @@ COMMANDS = {
 }
 
 S = "python scripts/"
-# The first lines of each command's --help; tests/test_cli.py checks every flag in them exists.
+# The first lines of each command's --help; tests/test_cli_commands.py checks every flag in them exists.
 EXAMPLES = {
     "data": ["make data", "mlx-pipeline data --data my.jsonl --run myrun",
              S + "phase1-prepare-data/01_prepare_data.py --data chats/ --run myrun"],
@@ -194,7 +194,7 @@ def make_command(name: str, extra_options=(), call_kwargs=lambda kw, cfg: {}):
             if callable(kwargs):  # another function of the phase module (the guides' path form)
                 return kwargs()
             result = _call(target, cfg, **kwargs)
-            if name == "serve":  # a long-running command: its exit status is the result
+            if type(result) is int:  # a long-running command (serve): its exit status
                 sys.exit(result)
         except PipelineError as e:
             code = getattr(e, "exit_code", 2)  # 130/143: training stopped by Ctrl-C/SIGTERM, resumable
