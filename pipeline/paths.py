@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from .errors import MissingInputError, PipelineError
+from .fsio import check_not_inside
 
 
 class RunPaths:
@@ -89,11 +93,6 @@ class GivenPaths(RunPaths):
 def check_given_output(out: Path, inputs: dict, phase: str) -> None:
     """A named output may replace only what this phase wrote before: never one of its inputs (or a
     folder holding one), never a folder of the user's own files."""
-    import json
-
-    from .errors import PipelineError
-    from .fsio import check_not_inside
-
     for what, path in inputs.items():
         if path is not None:
             try:
@@ -116,8 +115,6 @@ def check_given_output(out: Path, inputs: dict, phase: str) -> None:
 
 def require_folder(path: Path, flag: str) -> Path:
     """An input named on the command line must be an existing folder."""
-    from .errors import MissingInputError
-
     if not Path(path).is_dir():
         raise MissingInputError(f"{flag} {path}: no such folder.")
     return Path(path)
