@@ -133,6 +133,8 @@ demo: eval verify
 	@echo
 	@cat $(RUNDIR)/verify/report.md
 	@echo "  chat with it:        $(CLI) generate $(ARGS) --prompt 'Ken ordered 2 red lamps for Oslo.'"
+	@echo "  install it:          make install   (LM Studio folder, Ollama Modelfile, llama.cpp commands)"
+	@echo "  serve it:            $(CLI) serve $(ARGS)   (OpenAI-compatible, 127.0.0.1:8080)"
 
 test: $(STAMP)
 	$(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS)) $(BIN)/pytest -q $(PYTEST_ARGS)
