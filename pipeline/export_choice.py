@@ -1,7 +1,7 @@
 """Which verified export a user should load: read from 10 verify's report, never guessed.
 
 Default: the smallest file whose task metric is within `max_metric_drop` points of the MLX
-model's and whose KL to it is at most `max_kl` (ties: the lower KL). `type_name` or `file`
+model's and whose KL to it is at most `max_kl` (sizes within 1 % count as equal: the lower KL wins). `type_name` or `file`
 overrides the choice; a file that failed verify is refused unless `force`. Used by 11 install
 and by `serve`.
 """
@@ -17,6 +17,7 @@ from .manifest import MANIFEST, read_manifest
 from .paths import RunPaths
 
 PAIR_TYPE = "F16 + LoRA"
+SAME_SIZE = 0.01  # relative size difference that does not make a file "smaller"
 
 
 @dataclass
@@ -130,7 +131,10 @@ def _best(rows: list[dict], reference: dict, primary: str | None, max_drop: floa
             f"No verified export is within install.max_metric_drop = {max_drop:g} points of the MLX model's "
             f"{primary or 'metric'} and install.max_kl = {max_kl:g}: {'; '.join(why_not)}. Pick one with --type "
             "(or raise the limits), or export more precise types (gguf.quantizations, e.g. Q8_0).")
-    row = min(ok, key=lambda r: (r["size_bytes"], r["kl"]))
+    # Files within SAME_SIZE of the smallest count as one size (an imatrix file carries a few hundred
+    # bytes of metadata more than the plain one): among them the lowest KL wins.
+    smallest = min(r["size_bytes"] for r in ok)
+    row = min((r for r in ok if r["size_bytes"] <= smallest * (1 + SAME_SIZE)), key=lambda r: (r["kl"], r["size_bytes"]))
     metric = (row.get("metric") or {}).get(primary) if primary else None
     reason = (f"smallest verified export within {max_drop:g} points of the MLX model's {primary} and KL <= {max_kl:g}: "
               f"{_type_key(row)}, {row['size_bytes'] / 1e6:.1f} MB, KL {_fmt(row['kl'])}"

@@ -30,8 +30,9 @@ DEMO = [("F16", 270.9, 8.4e-6, 100), ("Q8_0", 144.8, 7.0e-3, 100), ("Q5_K_M-imat
 
 
 def demo_rows():
-    rows = [{"file": f"demo-{t}.gguf", "type": t, "size_bytes": int(mb * 1e6), "kl": kl, "metric": {"json": m}}
-            for t, mb, kl, m in DEMO]
+    # An imatrix file is 256 bytes larger than the plain one (its metadata), as measured on the demo.
+    rows = [{"file": f"demo-{t}.gguf", "type": t, "size_bytes": int(mb * 1e6) + 256 * t.endswith("-imatrix"),
+             "kl": kl, "metric": {"json": m}} for t, mb, kl, m in DEMO]
     rows.append({"file": "demo-adapter-base-F16.gguf + demo-adapter-LoRA-F16.gguf", "type": "F16 + LoRA",
                  "size_bytes": int(272.2e6), "kl": 3.7e-6, "metric": {"json": 100}})
     return rows, {"file": "fused/ (MLX)", "metric": {"json": 100.0}}
@@ -40,7 +41,7 @@ def demo_rows():
 def test_default_choice_is_the_smallest_file_that_keeps_the_task():
     rows, ref = demo_rows()
     row, reason = _best(rows, ref, "json", max_drop=2.0, max_kl=0.2)
-    assert row["file"] == "demo-Q5_K_M-imatrix.gguf"  # same size as Q5_K_M, lower KL
+    assert row["file"] == "demo-Q5_K_M-imatrix.gguf"  # 256 bytes more than Q5_K_M: the same size, lower KL
     assert "Q4_K_M" in reason and "Q4_1-NATIVE KL 1.39" in reason  # says what was left out, and why
     row, _ = _best(rows, ref, "json", max_drop=5.0, max_kl=0.2)
     assert row["file"] == "demo-Q4_K_M-imatrix.gguf"
