@@ -88,21 +88,21 @@ def choose_export(cfg, type_name: str | None = None, file: str | None = None, fo
     for f in files:
         if not f.is_file():
             raise MissingInputError(f"{f} is in the verify report but not on disk. Run `make gguf verify` again.")
-    return Choice(files[0], files[1] if len(files) > 1 else None, row["type"], row, reason, reference)
+    return Choice(files[0], files[1] if len(files) > 1 else None, type_key(row), row, reason, reference)
 
 
 def _pick(rows: list[dict], type_name: str | None, file: str | None) -> dict:
     for r in rows:
         if file and (r["file"] == Path(file).name or Path(file).name in r["file"].split(" + ")):
             return r
-        if type_name and _type_key(r) == type_name.upper():
+        if type_name and type_key(r) == type_name.upper():
             return r
     what = f"--file {file}" if file else f"--type {type_name}"
-    verified = ", ".join(f"{_type_key(r)} ({r['file']})" for r in rows)
+    verified = ", ".join(f"{type_key(r)} ({r['file']})" for r in rows)
     raise PipelineError(f"{what}: no such verified export. Verified: {verified}.")
 
 
-def _type_key(row: dict) -> str:
+def type_key(row: dict) -> str:
     """What --type matches: Q4_K_M, Q4_K_M-IMATRIX, Q4_1-NATIVE, F16, F16+LORA (file names are
     <run>-<TYPE>[-imatrix|-native].gguf; the run name may itself hold dashes)."""
     if " + " in row["file"]:
@@ -112,7 +112,7 @@ def _type_key(row: dict) -> str:
 
 
 def type_keys(rows: list[dict]) -> list[str]:
-    return [_type_key(r) for r in rows]
+    return [type_key(r) for r in rows]
 
 
 def _best(rows: list[dict], reference: dict, primary: str | None, max_drop: float, max_kl: float) -> tuple[dict, str]:
@@ -121,9 +121,9 @@ def _best(rows: list[dict], reference: dict, primary: str | None, max_drop: floa
     for r in rows:
         metric = (r.get("metric") or {}).get(primary) if primary else None
         if r.get("kl") is None or r["kl"] > max_kl:
-            why_not.append(f"{_type_key(r)} KL {_fmt(r.get('kl'))} > {max_kl:g}")
+            why_not.append(f"{type_key(r)} KL {_fmt(r.get('kl'))} > {max_kl:g}")
         elif ref_metric is not None and (metric is None or ref_metric - metric > max_drop):
-            why_not.append(f"{_type_key(r)} {primary} {_fmt(metric)} % (MLX {ref_metric:.1f} %)")
+            why_not.append(f"{type_key(r)} {primary} {_fmt(metric)} % (MLX {ref_metric:.1f} %)")
         else:
             ok.append(r)
     if not ok:
@@ -137,7 +137,7 @@ def _best(rows: list[dict], reference: dict, primary: str | None, max_drop: floa
     row = min((r for r in ok if r["size_bytes"] <= smallest * (1 + SAME_SIZE)), key=lambda r: (r["kl"], r["size_bytes"]))
     metric = (row.get("metric") or {}).get(primary) if primary else None
     reason = (f"smallest verified export within {max_drop:g} points of the MLX model's {primary} and KL <= {max_kl:g}: "
-              f"{_type_key(row)}, {row['size_bytes'] / 1e6:.1f} MB, KL {_fmt(row['kl'])}"
+              f"{type_key(row)}, {row['size_bytes'] / 1e6:.1f} MB, KL {_fmt(row['kl'])}"
               + (f", {primary} {metric:.1f} % (MLX {ref_metric:.1f} %)" if metric is not None else ""))
     if why_not:
         reason += f"; left out: {'; '.join(why_not)}"
