@@ -16,7 +16,6 @@ from .errors import MissingInputError, PipelineError
 from .manifest import MANIFEST, read_manifest
 from .paths import RunPaths
 
-PAIR_TYPE = "F16 + LoRA"
 SAME_SIZE = 0.01  # relative size difference that does not make a file "smaller"
 
 
@@ -109,10 +108,6 @@ def type_key(row: dict) -> str:
         return "F16+LORA"
     parts = Path(row["file"]).stem.split("-")
     return "-".join(parts[-2:] if parts[-1] in ("imatrix", "native") else parts[-1:]).upper()
-
-
-def type_keys(rows: list[dict]) -> list[str]:
-    return [type_key(r) for r in rows]
 
 
 def _best(rows: list[dict], reference: dict, primary: str | None, max_drop: float, max_kl: float) -> tuple[dict, str]:

@@ -43,10 +43,10 @@ class ShippedRun:
 
     def row(self, type_name: str) -> dict:
         """The verify report row of an export, by the key --type matches (Q8_0, F16+LORA, ...)."""
-        from pipeline.export_choice import type_keys
+        from pipeline.export_choice import type_key
 
         rows = [r for r in self.report["models"] if not r["file"].endswith("(MLX)")]
-        return next(r for r, key in zip(rows, type_keys(rows)) if key == type_name)
+        return next(r for r in rows if type_key(r) == type_name)
 
     def metric(self, type_name: str) -> float:
         return self.row(type_name)["metric"][self.report["primary_metric"]]

@@ -12,7 +12,6 @@ rejects (PLATFORM_NOTES). Tokenizer files and generation_config.json are copied 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
