@@ -305,6 +305,30 @@ def n_params(path: Path) -> int:
         llama_cpp.llama_model_free(model)
 
 
+def gguf_chat_metadata(path: Path) -> dict:
+    """Chat template (None if it has none), special-token texts and add_bos from a GGUF's header
+    (no weights read)."""
+    from gguf import GGUFReader
+
+    from .untrusted import check_gguf  # every count and offset checked before gguf-py reads it
+
+    check_gguf(path)
+    reader = GGUFReader(str(path))
+
+    def value(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    tokens = value("tokenizer.ggml.tokens") or []
+    special = {}
+    for name in ("bos", "eos", "pad", "unk"):
+        idx = value(f"tokenizer.ggml.{name}_token_id")
+        if idx is not None and 0 <= idx < len(tokens):
+            special[f"{name}_token"] = tokens[idx]
+    return {"template": value("tokenizer.chat_template"), "special_tokens": special,
+            "add_bos": bool(value("tokenizer.ggml.add_bos_token"))}
+
+
 def check_runtime() -> None:
     """The installed llama-cpp-python must be the pinned release the converter came from."""
     try:

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import click
 
+from . import llamacpp
 from .errors import MissingInputError, PipelineError
+from .export_choice import choose_export
 from .paths import RunPaths
 from .untrusted import check_gguf
 
@@ -282,7 +284,7 @@ def serve(cfg, type_name: str | None = None, file: str | None = None, lora: str 
             check_gguf(f)
         except PipelineError as e:
             raise PipelineError(f"Refused to serve {f.name}: {e}") from None
-    if not _has_chat_template(gguf):
+    if not llamacpp.gguf_chat_metadata(gguf)["template"]:
         raise PipelineError(f"{gguf} has no chat template (tokenizer.chat_template) in its metadata: the server would "
                             "format chats with a generic built-in one, not the model's. Re-export it with `make gguf`.")
     run = _run_root(gguf)
@@ -349,8 +351,6 @@ def _run_root(gguf: Path) -> Path | None:
 
 def _choose(cfg, type_name, file, lora, force) -> tuple[Path, Path | None, str]:
     """(GGUF, LoRA GGUF or None, why): an explicit file, or 10 verify's choice (choose_export)."""
-    from .export_choice import choose_export
-
     if lora and not file:
         raise PipelineError("--lora needs --file: the base GGUF the LoRA GGUF applies to.")
     if file:
@@ -370,12 +370,6 @@ def _existing(name: str, gguf_dir: Path) -> Path:
         if p.is_file():
             return p
     raise MissingInputError(f"{name}: no such file (also looked in {gguf_dir}).")
-
-
-def _has_chat_template(gguf: Path) -> bool:
-    from gguf import GGUFReader  # after check_gguf: the header is known to be consistent
-
-    return "tokenizer.chat_template" in GGUFReader(str(gguf)).fields
 
 
 def usage(server: ServerProcess, system: str | None, user: str, max_tokens: int) -> str:

@@ -185,7 +185,7 @@ def test_make_install_on_a_trained_smollm2(shipped_run, go_render, tmp_path):
     from test_ollama_template import jinja_prompt
 
     from pipeline.ollama_template import ollama_data
-    from pipeline.phases.p11_install_model import gguf_chat_metadata
+    from pipeline.llamacpp import gguf_chat_metadata
 
     cfg = shipped_run.cfg
     env = {k: v for k, v in os.environ.items() if k not in ("TEST_MODE", "RUN", "MODELS_DIR", "TYPE")}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 
+from .. import llamacpp
 from ..errors import MissingInputError, PipelineError
 from ..export_choice import Choice, choose_export
 from ..fsio import atomic_path, human_size, write_text
@@ -222,7 +223,7 @@ def modelfile(choice: Choice, system: str | None) -> tuple[str, list[str]]:
              f"FROM ./{choice.gguf.name}"]
     if choice.lora:
         lines.append(f"ADAPTER ./{choice.lora.name}")
-    meta = gguf_chat_metadata(choice.gguf)
+    meta = llamacpp.gguf_chat_metadata(choice.gguf)
     try:
         if not meta["template"]:
             raise PipelineError("the GGUF has no chat template")
@@ -241,29 +242,6 @@ def modelfile(choice: Choice, system: str | None) -> tuple[str, list[str]]:
         else:
             lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n", notes
-
-
-def gguf_chat_metadata(path: Path) -> dict:
-    """Chat template, special-token texts and add_bos from a GGUF's header (no weights read)."""
-    from gguf import GGUFReader
-
-    from ..untrusted import check_gguf
-
-    check_gguf(path)
-    reader = GGUFReader(str(path))
-
-    def value(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    tokens = value("tokenizer.ggml.tokens") or []
-    special = {}
-    for name in ("bos", "eos", "pad", "unk"):
-        idx = value(f"tokenizer.ggml.{name}_token_id")
-        if idx is not None and 0 <= idx < len(tokens):
-            special[f"{name}_token"] = tokens[idx]
-    return {"template": value("tokenizer.chat_template"), "special_tokens": special,
-            "add_bos": bool(value("tokenizer.ggml.add_bos_token"))}
 
 
 def llamacpp_commands(choice: Choice, port: int) -> list[str]:
