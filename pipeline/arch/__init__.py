@@ -31,6 +31,18 @@ class Arch:
     # inverse of mlx-lm's `Model.sanitize`. Identity for architectures it doesn't rename.
     to_hf_weights: Callable[[dict, dict], dict] = field(default=lambda weights, config: weights)
     notes: str = ""
+    # The GGUF architecture of one config when it is not always `gguf_arch` (granitemoehybrid with
+    # attention layers only is converted by llama.cpp as granite).
+    gguf_arch_of: Callable[[dict], str] | None = None
+    # Whether MLX's 4/5-bit weights can be transcoded into native Q4_1/Q5_1 GGUF blocks
+    # (pipeline/gguf_native.py): needs gguf-py's tensor name map to cover every quantized layer.
+    native_gguf: bool = False
+
+
+def gguf_arch_of(config: dict) -> str:
+    """The general.architecture llama.cpp's converter writes for this (normalised) config."""
+    a = get(config["model_type"])
+    return a.gguf_arch_of(config) if a.gguf_arch_of else a.gguf_arch
 
 
 def supported() -> list[str]:
