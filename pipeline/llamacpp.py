@@ -24,6 +24,7 @@ import ctypes
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -271,38 +272,161 @@ def ftype(type_name: str) -> int:
 
 
 def quantize(src: Path, dst: Path, type_name: str, threads: int = 0) -> None:
-    """Quantize a GGUF with llama.cpp's quantizer (its library, or a user's llama-quantize)."""
+    """Quantize a GGUF with llama.cpp's quantizer (a user's llama-quantize, else the pinned library),
+    in a child process: the quantizer aborts on some inputs, and an abort must not take our process."""
     binary = quantize_binary()
     if binary is not None:
         cmd = [str(binary), str(src), str(dst), type_name.upper()] + ([str(threads)] if threads else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise PipelineError(f"{binary} failed for {type_name}:\n{_tail(proc.stderr or proc.stdout)}")
-        return
+    else:
+        check_runtime()
+        ftype(type_name)  # an unknown type is named here, not in the child's traceback
+        cmd = [sys.executable, "-m", "pipeline.llamacpp", "quantize", str(src), str(dst), type_name,
+               "--threads", str(threads)]
+    run_child(cmd, f"quantizing {src} to {type_name}")
+
+
+def _quantize_here(src: Path, dst: Path, type_name: str, threads: int) -> int:
+    """The child's side of `quantize`: llama.cpp's library in this process."""
     import llama_cpp
 
-    check_runtime()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(type_name)
     params.nthread = threads  # 0 = all cores
-    with captured_log() as log:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise PipelineError(f"llama.cpp's quantizer failed for {type_name} on {src} (code {rc}):\n{log_tail(log)}")
+    with _log_to_stderr():
+        return int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params))
 
 
 def n_params(path: Path) -> int:
-    """Parameters of a GGUF, as llama.cpp counts them (tensors are memory-mapped, not read)."""
+    """Parameters of a GGUF as llama.cpp counts them (the elements of every tensor in the file), read
+    from the validated header: nothing is loaded, so a file llama.cpp would abort on is counted safely."""
+    from gguf import GGUFReader
+
+    from .untrusted import check_gguf
+
+    check_gguf(path)
+    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp in a child process
+#
+# llama.cpp answers some inputs with GGML_ASSERT -> abort(): in our process that is a SIGABRT we
+# cannot catch, after a gdb backtrace on the terminal. Work that can abort runs in a child first,
+# and its death becomes one PipelineError with llama.cpp's own assert line.
+
+PROBE_CTX = 16  # the child only proves the file loads and evaluates: a tiny KV cache
+_ASSERT = re.compile(r"GGML_ASSERT\(.*\) failed|GGML_ABORT.*")
+_ABORT_LINE = re.compile(r"^\S+\.(?:c|cc|cpp|h|cu|m):\d+: (.+)$", re.M)  # ggml_abort's "file:line: message"
+
+
+def child_env() -> dict:
+    """Our environment, with ggml's gdb backtrace off (GGML_NO_BACKTRACE, read by ggml_abort)."""
+    return dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
+
+
+def run_child(cmd: list[str], operation: str, timeout: float | None = None) -> str:
+    """Run one llama.cpp step in a child; returns its output. A non-zero exit or a signal becomes a
+    PipelineError naming the operation (a phrase that names the file) and llama.cpp's assert line."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=child_env(),
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"llama.cpp did not finish {operation} within {timeout:.0f} s.") from None
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise child_error(operation, proc.returncode, output)
+    return output
+
+
+def child_error(operation: str, returncode: int, output: str) -> PipelineError:
+    """The error for a llama.cpp child that failed: what it was doing, on which file, and why."""
+    how = f"exit {returncode}"
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            how = f"killed by {signal.Signals(-returncode).name}"
+    reason = abort_reason(output)
+    if reason:
+        return PipelineError(
+            f"llama.cpp aborted while {operation} ({how}): {reason}. The file holds something llama.cpp rejects "
+            "(often a config value it does not accept, such as more experts used than exist); no output was kept. "
+            "Fix the model's config.json (or the file) and export it again."
+        )
+    return PipelineError(f"llama.cpp failed while {operation} ({how}). Its last lines:\n{_tail(output, 12)}")
+
+
+def abort_reason(output: str) -> str | None:
+    """llama.cpp's own account of an abort: the GGML_ASSERT, else ggml_abort's message."""
+    if m := _ASSERT.search(output):
+        return m.group(0)
+    if m := _ABORT_LINE.search(output):
+        return m.group(1).strip()
+    for line in output.splitlines():  # an uncaught C++ exception
+        if line.startswith("terminate called after throwing"):
+            return line.strip()
+    return None
+
+
+def probe(path: Path, lora: Path | None = None) -> None:
+    """Prove in a child process that llama.cpp loads `path` (applies `lora`) and evaluates a token."""
+    cmd = [sys.executable, "-m", "pipeline.llamacpp", "probe", str(path)] + (["--lora", str(lora)] if lora else [])
+    run_child(cmd, f"loading {path}" + (f" with the LoRA {lora}" if lora else ""))
+
+
+def _probe_here(path: Path, lora: Path | None) -> int:
+    """The child's side of `probe`: load, apply the LoRA, evaluate one token."""
     import llama_cpp
 
-    with captured_log() as log:
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
-    if not model:
-        raise PipelineError(f"{path} does not load in llama.cpp:\n{log_tail(log, 6)}")
+    with _log_to_stderr():
+        try:  # verbose=True: llama-cpp-python would otherwise point stderr at /dev/null, hiding the assert
+            llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=PROBE_CTX,
+                                  n_batch=PROBE_CTX, verbose=True)
+        except (ValueError, RuntimeError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        bos = llama_cpp.llama_vocab_bos(llm._model.vocab)
+        llm.eval([bos if bos >= 0 else 0])
+    return 0
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """In a child: llama.cpp's log straight to fd 2, so that the lines before an abort survive it."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback
+    def write(level, text, user_data):
+        os.write(2, text)
+
+    llama_cpp.llama_log_set(write, ctypes.c_void_p(0))
     try:
-        return int(llama_cpp.llama_model_n_params(model))
+        yield
     finally:
-        llama_cpp.llama_model_free(model)
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def open_gguf(path: Path, n_ctx: int, seed: int = 0, lora: Path | None = None, logits_all: bool = True):
+    """llama.cpp's runtime on a GGUF (and a LoRA GGUF): headers validated, the load proved in a child
+    process (an abort there is a PipelineError, not our death), then loaded here."""
+    import llama_cpp
+
+    from .untrusted import check_gguf
+
+    for f, what in ((path, "GGUF"), (lora, "LoRA GGUF")):
+        if f is not None:
+            try:  # every count and offset checked before llama.cpp's reader sees the file
+                check_gguf(f)
+            except PipelineError as e:
+                raise PipelineError(f"{f} is not a valid {what}, not loaded: {e}") from None
+    check_runtime()
+    probe(Path(path), Path(lora) if lora else None)
+    with captured_log() as log:
+        try:
+            return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, logits_all=logits_all,
+                                   n_ctx=n_ctx, verbose=False, seed=seed)
+        except (ValueError, RuntimeError, OSError) as e:
+            pair = f" with the LoRA {lora}" if lora else ""
+            raise PipelineError(f"{path}{pair} does not load in llama.cpp ({e}):\n{log_tail(log, 6)}") from None
 
 
 def gguf_chat_metadata(path: Path) -> dict:
@@ -384,12 +508,24 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     b.add_argument("--force", action="store_true", help="build again even when the tools exist")
     sub.add_parser("where", help="print the converter folder")
+    q = sub.add_parser("quantize", help="quantize a GGUF with the pinned library (what phase 09 runs in a child)")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("type", help="e.g. Q4_K_M")
+    q.add_argument("--threads", type=int, default=0)
+    p = sub.add_parser("probe", help="load a GGUF (and a LoRA GGUF) and evaluate one token; exit 0 if it works")
+    p.add_argument("model")
+    p.add_argument("--lora")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
             print(f"llama.cpp converter ready: {fetch_converter(args.sdist, args.force)}")
         elif args.command == "build-tools":
             print(f"llama.cpp tools ready: {build_tools(args.sdist, args.jobs, args.force)}")
+        elif args.command == "quantize":
+            return 1 if _quantize_here(Path(args.src), Path(args.dst), args.type, args.threads) else 0
+        elif args.command == "probe":
+            return _probe_here(Path(args.model), Path(args.lora) if args.lora else None)
         else:
             print(require_converter())
     except PipelineError as e:
