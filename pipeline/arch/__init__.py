@@ -2,9 +2,8 @@
 
 Each module describes only how its architecture differs: LoRA target presets, how a config
 must be normalised so that mlx-lm reads it correctly, and how to undo the weight renames of
-mlx-lm's `Model.sanitize` when exporting to Hugging Face (phase 08). To add an architecture: write
-`pipeline/arch/<model_type>.py` defining `ARCH = Arch(...)`, add its name to `_MODULES`, and add
-a tiny Hub-style config to `tests/fixtures/configs/` (the registry test builds a model from it).
+mlx-lm's `Model.sanitize` when exporting to Hugging Face (phase 08). To add an architecture:
+CONTRIBUTING.md, "Adding an architecture".
 """
 
 from __future__ import annotations
@@ -15,7 +14,14 @@ from typing import Callable
 
 from ..errors import PipelineError
 
-_MODULES = ["llama", "granite", "granitemoehybrid"]
+# llama first: mistral's GGUFs say `llama` too, and a GGUF imported at 02 is loaded as llama.
+_MODULES = ["llama", "granite", "granitemoehybrid", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+# model_types people meet that are refused on purpose, with what to use instead.
+_REFUSED = {
+    "gemma3": "Gemma 3 4B/12B/27B checkpoints are image-text models (model_type gemma3, Gemma3ForConditionalGeneration); "
+    "only text-only Gemma 3 (model_type gemma3_text, e.g. google/gemma-3-1b-it or gemma-3-270m-it) is supported.",
+}
 
 
 @dataclass(frozen=True)
@@ -53,17 +59,25 @@ def from_gguf_arch(name: str) -> Arch:
     for m in _MODULES:
         if get(m).gguf_arch == name:
             return get(m)
-    known = ", ".join(get(m).gguf_arch for m in _MODULES)
+    known = ", ".join(dict.fromkeys(get(m).gguf_arch for m in _MODULES))
     raise PipelineError(f"GGUF architecture '{name}' is not supported. Supported: {known}.")
 
 
-def get(model_type: str) -> Arch:
+def get(model_type: str, architectures: list | None = None) -> Arch:
     if model_type not in _MODULES:
-        raise PipelineError(
-            f"Unsupported model_type '{model_type}'. Supported: {', '.join(_MODULES)}. "
-            "See pipeline/arch/__init__.py for how to add one."
-        )
+        raise unsupported(model_type, architectures)
     return importlib.import_module(f"{__name__}.{model_type}").ARCH
+
+
+def unsupported(model_type, architectures: list | None = None) -> PipelineError:
+    """The error for a model this pipeline cannot train, in the names of the model's own config.json."""
+    names = f" ({', '.join(map(str, architectures))})" if architectures else ""
+    why = _REFUSED.get(model_type, "")
+    return PipelineError(
+        f"Unsupported architecture: model_type '{model_type}'{names}. {why + ' ' if why else ''}"
+        f"Supported model types: {', '.join(_MODULES)}. To add one (a module listing how it differs from llama, "
+        "and a tiny test config), see \"Adding an architecture\" in CONTRIBUTING.md."
+    )
 
 
 def flatten_rope_parameters(cfg: dict) -> list[str]:
@@ -88,7 +102,7 @@ def normalise_config(cfg: dict) -> list[str]:
     """Normalise a config in place; returns a human-readable list of what changed."""
     if "model_type" not in cfg:
         raise PipelineError("config.json has no 'model_type'; is this a Hugging Face causal LM folder?")
-    arch = get(cfg["model_type"])
+    arch = get(cfg["model_type"], cfg.get("architectures"))
     changes = arch.normalise(cfg)
     if "torch_dtype" not in cfg and "dtype" in cfg:
         cfg["torch_dtype"] = cfg["dtype"]
