@@ -1,8 +1,9 @@
 """Writing outputs so that a crash never leaves a truncated file under the final name.
 
-Every writer goes through `atomic_path`: it writes `.NAME.tmp-PID[suffix]` next to the final
+Every writer goes through `atomic_path`: it writes `.NAME.tmp-PID.tmp` next to the final
 name, fsyncs it and renames it into place (then fsyncs the folder, so the rename itself is
-durable). A crash leaves at most a temporary, which the next write into that folder removes
+durable). Temporaries end in `.tmp` so that no `*.gguf` or `*.jsonl` glob finds a half-written
+file; only writers that append an extension to names lacking it (MLX: `.safetensors`) keep theirs. A crash leaves at most a temporary, which the next write into that folder removes
 (`clean_stale`). Disk-full errors are turned into one message naming the path and the numbers.
 """
 
@@ -32,13 +33,15 @@ class DiskFullError(PipelineError):
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, suffix: str = "", expected_bytes: int | None = None,
+def atomic_path(final: str | os.PathLike, suffix: str = ".tmp", expected_bytes: int | None = None,
                 what: str | None = None):
     """Yield a temporary path next to `final`; move it into place only if the block succeeds.
 
-    Works for a file or a folder. `suffix` keeps an extension that writers append
-    (MLX adds `.safetensors` to names that lack it). `expected_bytes`: checked against the free
-    space before anything is written, and used to report the shortfall if the disk fills up.
+    Works for a file or a folder. `suffix`: only for writers that append an extension to a name
+    lacking it (MLX adds `.safetensors`); llama.cpp's tools and gguf-py write the name they get.
+    `expected_bytes`: checked against the free space before anything is written, and used to
+    report the shortfall if the disk fills up. What moves into place gets the modes of a plain
+    file or folder created here (umask applied), whatever the writer used (mkstemp's 0600).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +54,7 @@ def atomic_path(final: str | os.PathLike, suffix: str = "", expected_bytes: int 
     try:
         try:
             yield tmp
+            _normal_modes(tmp)
             _fsync_tree(tmp)  # data on disk before the rename can expose it
         except DiskFullError as e:  # from a nested write: name our final path, not its temporary
             raise DiskFullError(str(e).replace(str(tmp), str(final))) from None
@@ -121,6 +125,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, someone else's
         return True
     return True
+
+
+def _normal_modes(p: Path) -> None:
+    """Modes as if created here: 0666/0777 less the umask (0644/0755 usually); executables keep x."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    paths = [p] + (list(p.rglob("*")) if p.is_dir() and not p.is_symlink() else [])
+    for f in paths:
+        if f.is_symlink() or not (f.is_file() or f.is_dir()):
+            continue
+        mode = f.stat().st_mode & 0o7777
+        full = 0o777 if f.is_dir() or mode & 0o111 else 0o666
+        if mode != full & ~umask:
+            os.chmod(f, full & ~umask)
 
 
 def _fsync_tree(p: Path) -> None:

@@ -182,7 +182,7 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
             writer.add_tensor(t.name, blocks, raw_dtype=qtype, tensor_endianess=reader.endianess)
         else:
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type, tensor_endianess=reader.endianess)
-    with atomic_path(out, suffix=".gguf") as tmp:
+    with atomic_path(out) as tmp:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

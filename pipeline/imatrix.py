@@ -54,11 +54,11 @@ def compute_imatrix(model_gguf: Path, text_file: Path, out: Path, tokens: int, c
     binary = llamacpp.tool("llama-imatrix")
     chunks = min(max_chunks, tokens // chunk_tokens) if max_chunks > 0 else tokens // chunk_tokens
     t0 = time.time()
-    with atomic_path(out, suffix=".gguf") as tmp:
-        cmd = [str(binary), "-m", str(model_gguf), "-f", str(text_file), "-o", str(tmp),
+    with atomic_path(out) as tmp:  # a `.tmp` name: the format is asked for, not inferred from the suffix
+        cmd = [str(binary), "-m", str(model_gguf), "-f", str(text_file), "-o", str(tmp), "--output-format", "gguf",
                "-c", str(chunk_tokens), "-b", str(chunk_tokens), "--chunks", str(chunks), "--parse-special",
                "-ofreq", str(10 ** 6)] + (["-t", str(threads)] if threads else [])
-        log = _run_with_progress(cmd, chunks)
+        log = _run_with_progress(cmd, chunks, model_gguf)
         if not tmp.is_file():
             raise PipelineError(f"llama-imatrix wrote no file:\n{llamacpp.log_tail([log])}")
     ppl = _DONE.findall(log)
@@ -66,12 +66,12 @@ def compute_imatrix(model_gguf: Path, text_file: Path, out: Path, tokens: int, c
             "perplexity": float(ppl[-1][1]) if ppl else None, "seconds": round(time.time() - t0, 1)}
 
 
-def _run_with_progress(cmd: list[str], chunks: int) -> str:
+def _run_with_progress(cmd: list[str], chunks: int, model_gguf: Path) -> str:
     from tqdm import tqdm
 
     text = ""
     bar = tqdm(total=chunks, desc="imatrix", unit="chunk", dynamic_ncols=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=llamacpp.child_env())
     while block := proc.stdout.read1(4096):  # chunk results come without newlines: read what is there
         text += block.decode("utf-8", "replace")
         seen = _DONE.findall(text[-4096:])
@@ -81,15 +81,14 @@ def _run_with_progress(cmd: list[str], chunks: int) -> str:
             bar.refresh()
     bar.close()
     if proc.wait() != 0:
-        raise PipelineError(f"llama-imatrix failed (exit {proc.returncode}):\n{llamacpp.log_tail([text])}")
+        raise llamacpp.child_error(f"computing the importance matrix of {model_gguf}", proc.returncode, text)
     return text
 
 
 def quantize_with_imatrix(src: Path, dst: Path, type_name: str, imatrix: Path, threads: int = 0) -> None:
     """llama-quantize --imatrix: the same quantizer as gguf.quantizations, guided by the matrix."""
     cmd = [str(llamacpp.tool("llama-quantize")), "--imatrix", str(imatrix), str(src), str(dst), type_name.upper()]
-    proc = subprocess.run(cmd + ([str(threads)] if threads else []), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PipelineError(f"llama-quantize --imatrix failed for {type_name}:\n{llamacpp.log_tail([proc.stderr or proc.stdout])}")
-    if "imatrix" not in (proc.stdout + proc.stderr).lower():
+    output = llamacpp.run_child(cmd + ([str(threads)] if threads else []),
+                                f"quantizing {src} to {type_name} with the importance matrix")
+    if "imatrix" not in output.lower():
         click.secho(f"warning: llama-quantize did not report loading {imatrix.name}", fg="yellow")

@@ -420,6 +420,8 @@ def open_gguf(path: Path, n_ctx: int, seed: int = 0, lora: Path | None = None, l
                 raise PipelineError(f"{f} is not a valid {what}, not loaded: {e}") from None
     check_runtime()
     probe(Path(path), Path(lora) if lora else None)
+    # Should llama.cpp still abort here, the user sees its assert line, not a gdb session.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     with captured_log() as log:
         try:
             return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, logits_all=logits_all,

@@ -135,7 +135,7 @@ def place(src: Path, dst: Path) -> str:
     """Hard link `src` at `dst` when both are on one filesystem, else copy it; atomic either way."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     same_fs = os.stat(src).st_dev == os.stat(dst.parent).st_dev
-    with atomic_path(dst, suffix=dst.suffix, expected_bytes=None if same_fs else src.stat().st_size,
+    with atomic_path(dst, expected_bytes=None if same_fs else src.stat().st_size,
                      what=f"a copy of {src.name}") as tmp:
         try:
             os.link(src, tmp)
