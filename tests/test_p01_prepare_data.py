@@ -192,6 +192,37 @@ def test_overlong_policies(make_cfg, tmp_path, policy):
         assert max(st["max"] for st in res.stats.values()) > 64  # mlx-lm truncates when training
 
 
+def test_dropped_overlong_rows_are_named_with_their_length(make_cfg, tmp_path, capsys):
+    """Each dropped row by file:line and tokens vs the limit, in the manifest and in the output,
+    whose list stops at 20 and says how many more."""
+    rows = [chat(i) for i in range(10)] + [chat(100 + i, LONG + "x" * i) for i in range(23)]
+    src = write_rows(tmp_path / "in" / "file.jsonl", rows)
+    res = prepare_data(make_cfg(src, max_seq_length=64, overlong="drop", valid_fraction=0.2, test_fraction=0.0))
+    listed = manifest(res.out_dir)["overlong"]["rows"]
+    assert sorted(int(r["row"].rsplit(":", 1)[1]) for r in listed) == list(range(11, 34))
+    assert all(r["row"].startswith(f"{src}:") and r["tokens"] > 64 for r in listed)
+    out = capsys.readouterr().out
+    named = [line for line in out.splitlines() if line.strip().startswith("dropped: ")]
+    assert len(named) == 20 and "... and 3 more" in out
+    first = listed[0]
+    assert f"dropped: {first['row']} ({first['split']}): {first['tokens']} tokens > max_seq_length 64" in out
+
+
+def test_jsonl_with_a_utf8_byte_order_mark_is_read(make_cfg, tmp_path):
+    folder = tmp_path / "in"
+    for name, rows in (("train", [chat(i) for i in range(5)]), ("valid", [chat(9)])):
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        (folder / f"{name}.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jsonl").write_bytes(text.encode("utf-8-sig"))
+    rows, errors = read_jsonl(folder / "train.jsonl")
+    assert errors == [] and rows[0] == chat(0)
+    res = prepare_data(make_cfg(folder))
+    assert res.counts["train"] == 5 and res.counts["valid"] == 1
+    # Only the file's start may carry one: a BOM inside a line is still an error, named.
+    (folder / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + (folder / "train.jsonl").read_bytes())
+    assert read_jsonl(folder / "train.jsonl")[1][0].startswith(f"{folder / 'train.jsonl'}:1: not valid JSON")
+
+
 def test_overlong_text_rows_are_truncated_by_tokens(make_cfg, tmp_path):
     folder = tmp_path / "in"
     write_rows(folder / "train.jsonl", [{"text": f"short {i}"} for i in range(4)] + [{"text": LONG}])

@@ -72,8 +72,8 @@ def read_rows(path: str | Path) -> tuple[list[tuple[int, dict]], list[str], str 
     rows, errors, file_fmt = [], [], None
     with open(path, "rb") as f:  # bytes: one bad line is reported, not a crash of the whole read
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
+            try:  # utf-8-sig on line 1: editors on Windows start UTF-8 files with a byte-order mark
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 errors.append(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})")
                 continue

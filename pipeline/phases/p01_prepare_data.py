@@ -27,6 +27,7 @@ from .common import done, start_phase
 
 SPLITS = ("train", "valid", "test")
 MAX_ERRORS = 20
+MAX_MANIFEST_ROWS = 1000  # overlong rows named in the manifest; the rest are counted
 MIN_TRAIN = 4
 ACCEPTED = "Accepted: 'sample', a .jsonl file, or a folder with train.jsonl, valid.jsonl[, test.jsonl]."
 
@@ -170,12 +171,14 @@ def split_stats(lengths: list[int]) -> dict:
     }
 
 
-def _handle_overlong(splits, lengths, tokenizer, cfg, fmt) -> tuple[dict, dict]:
-    """Apply data.overlong in place; return (dropped, truncated) counts per split."""
+def _handle_overlong(splits, lengths, tokenizer, cfg, fmt) -> tuple[dict, dict, list[dict]]:
+    """Apply data.overlong in place; return (dropped, truncated) counts per split and the rows
+    concerned ({"row": 'file:line', "split", "tokens"}), so that the user can find them."""
     limit, policy = cfg.data.max_seq_length, cfg.data.overlong
     over = {s: [i for i, n in enumerate(lengths[s]) if n > limit] for s in SPLITS}
-    if policy == "error" and any(over.values()):
-        errors = [f"{splits[s][i][0]}: {lengths[s][i]} tokens > max_seq_length {limit}" for s in SPLITS for i in over[s]]
+    named = [{"row": splits[s][i][0], "split": s, "tokens": lengths[s][i]} for s in SPLITS for i in over[s]]
+    if policy == "error" and named:
+        errors = [f"{r['row']}: {r['tokens']} tokens > max_seq_length {limit}" for r in named]
         _fail(errors, "row(s) longer than data.max_seq_length",
               " Raise data.max_seq_length or set data.overlong to drop or truncate.")
     dropped, truncated = {}, {}
@@ -194,7 +197,7 @@ def _handle_overlong(splits, lengths, tokenizer, cfg, fmt) -> tuple[dict, dict]:
                     row = {**row, "text": tokenizer.decode(ids)}
                     splits[s][i] = (where, row)
                     lengths[s][i] = token_length(tokenizer, row, fmt)
-    return dropped, truncated
+    return dropped, truncated, named
 
 
 def prepare_data(cfg) -> PrepareResult:
@@ -208,7 +211,7 @@ def prepare_data(cfg) -> PrepareResult:
 
     tokenizer = load_tokenizer(cfg)
     lengths = {s: [token_length(tokenizer, r, fmt) for _, r in splits[s]] for s in SPLITS}
-    dropped, truncated = _handle_overlong(splits, lengths, tokenizer, cfg, fmt)
+    dropped, truncated, overlong_rows = _handle_overlong(splits, lengths, tokenizer, cfg, fmt)
 
     if len(splits["train"]) < MIN_TRAIN or not splits["valid"]:
         raise DataError(
@@ -229,9 +232,12 @@ def prepare_data(cfg) -> PrepareResult:
             tmp, "01_prepare_data", cfg, started, inputs=inputs, outputs=outputs, stats=stats, format=fmt,
             removed=removed,
             overlong={"policy": cfg.data.overlong, "max_seq_length": cfg.data.max_seq_length,
-                      "truncated": {k: v for k, v in truncated.items() if v}},
+                      "truncated": {k: v for k, v in truncated.items() if v},
+                      "rows": overlong_rows[:MAX_MANIFEST_ROWS],
+                      "rows_not_listed": _more(overlong_rows, MAX_MANIFEST_ROWS)},
         )
     _summary(out_dir, fmt, stats, removed, truncated, cfg)
+    _name_overlong(overlong_rows, cfg)
     return PrepareResult(out_dir, {s: len(splits[s]) for s in SPLITS}, stats, fmt, removed)
 
 
@@ -249,6 +255,23 @@ def _write(tmp: Path, out_dir: Path, texts: dict[str, str]) -> dict:
     return outputs
 
 
+def _more(items: list, shown: int) -> int:
+    return max(len(items) - shown, 0)
+
+
+def _name_overlong(rows: list[dict], cfg) -> None:
+    """Print where the dropped (or truncated) rows are, up to MAX_ERRORS of them."""
+    if not rows:
+        return
+    verb = "truncated" if cfg.data.overlong == "truncate" else "dropped"
+    for r in rows[:MAX_ERRORS]:
+        click.echo(f"  {verb}: {r['row']} ({r['split']}): {r['tokens']} tokens > max_seq_length "
+                   f"{cfg.data.max_seq_length}")
+    if more := _more(rows, MAX_ERRORS):
+        click.echo(f"  ... and {more} more (all in {RunPaths(cfg).data / 'manifest.json'}, overlong.rows)"
+                   if len(rows) <= MAX_MANIFEST_ROWS else f"  ... and {more} more")
+
+
 def _summary(out_dir, fmt, stats, removed, truncated, cfg):
     click.echo(f"\nformat: {fmt}; tokens per row counted with the base model's chat template")
     click.echo(f"{'split':<7}{'rows':>7}{'tokens':>10}{'mean':>8}{'p95':>7}{'max':>7}")
@@ -263,7 +286,8 @@ def _summary(out_dir, fmt, stats, removed, truncated, cfg):
                f"valid/test rows also in train removed: {fmt_counts(removed['in_train'])}")
     limit = f"> {cfg.data.max_seq_length} tokens"
     if cfg.data.overlong == "truncate":
-        click.echo(f"overlong rows ({limit}) kept for truncation: {fmt_counts({k: v for k, v in truncated.items() if v})}")
+        kept = fmt_counts({k: v for k, v in truncated.items() if v})
+        click.echo(f"overlong rows ({limit}) kept for truncation: {kept}")
     else:
         click.echo(f"overlong rows ({limit}) dropped: {fmt_counts(removed['overlong'])}")
     done(f"wrote {out_dir}")
