@@ -172,3 +172,19 @@ def test_cli_verify_names_the_file_that_aborts(tmp_path, tiny_hf_model, ggufs):
     assert not any(b in output for b in BACKTRACE), output
     report = json.loads((tmp_path / "t" / "verify" / "report.json").read_text())
     assert not report["passed"] and any("t-experts.gguf" in f and ASSERT in f for f in report["failures"])
+
+
+def test_imatrix_abort_is_one_error_and_leaves_nothing(ggufs, tmp_path):
+    from pipeline import imatrix
+
+    try:
+        llamacpp.tool("llama-imatrix")
+    except PipelineError:
+        pytest.skip("llama-imatrix is not built (`python -m pipeline.llamacpp build-tools`)")
+    text = tmp_path / "calibration.txt"
+    text.write_text("Ken wants 2 red lamps shipped to Oslo.\n" * 200)
+    out = tmp_path / "imatrix" / "imatrix.gguf"
+    with pytest.raises(PipelineError) as e:
+        imatrix.compute_imatrix(ggufs["bad"], text, out, tokens=2000, chunk_tokens=64, max_chunks=2, threads=2)
+    assert_one_clear_error(str(e.value), f"computing the importance matrix of {ggufs['bad']}")
+    assert list(out.parent.iterdir()) == []
