@@ -34,9 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import arch, llamacpp
+from . import agreement, arch, llamacpp
+from .data.formats import prompt_and_answer
 from .errors import MissingInputError, PipelineError
 from .fsio import atomic_path, hash_model_dir, sha256_file, write_json
+from .hf_export import copy_tokenizer_files, dense_weights, hf_config, save_shards
+from .metrics import score_answers
 from .paths import RunPaths
 
 LORA_CONVERTER = "convert_lora_to_gguf.py"
@@ -51,13 +54,14 @@ def paired_base_path(cfg) -> Path:
     return RunPaths(cfg).gguf / f"{cfg.run}-adapter-base-{OUTTYPE}.gguf"
 
 
+def native_base_path(cfg, native_type: str = "Q4_1") -> Path:
+    """The training base's own MLX blocks as GGUF (phase 09 writes it for a QLoRA run): with the LoRA
+    GGUF, the trained model itself at ~4.5 bits per weight."""
+    return RunPaths(cfg).gguf / f"{cfg.run}-{native_type}-native-base.gguf"
+
+
 def sidecar_path(cfg) -> Path:
     return RunPaths(cfg).gguf / f"{cfg.run}-adapter-gguf.json"
-
-
-def is_adapter_output(cfg, path: Path) -> bool:
-    """Files this module writes into gguf/ (10 verify must not measure them against the fused model)."""
-    return Path(path).name.startswith(f"{cfg.run}-adapter-")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,9 +163,6 @@ def write_dequantized_hf(model_dir: Path, base_dir: Path, out: Path) -> None:
     """An HF folder (float32) of an MLX quantized model with every layer dequantized exactly."""
     import mlx.core as mx
 
-    from .phases.p07_fuse_lora import copy_tokenizer_files
-    from .phases.p08_convert_to_hf import dense_weights, hf_config, save_shards
-
     weights, mlx_config = dense_weights(model_dir, mx.float32)
     weights = arch.get(mlx_config["model_type"]).to_hf_weights(weights, mlx_config)
     base_config = json.loads((base_dir / "config.json").read_text())
@@ -192,7 +193,7 @@ def write_paired_base(cfg, out: Path, pair_with: str = "train_base") -> dict:
     paths = RunPaths(cfg)
     source = paths.train_base if pair_with == "train_base" else paths.base
     t0 = time.time()
-    with atomic_path(out, suffix=".gguf") as tmp:
+    with atomic_path(out) as tmp:
         if _is_quantized(source):
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".adapter-base-hf-") as d:
                 hf = Path(d) / "hf"
@@ -228,7 +229,7 @@ def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".adapter-peft-") as d:
         peft_dir = Path(d) / "peft"
         stats = mlx_to_peft(paths.adapters, peft_dir, base_config, base_name=str(base_dir))
-        with atomic_path(out, suffix=".gguf") as tmp:
+        with atomic_path(out) as tmp:
             convert_lora(peft_dir, base_dir, tmp)
     adapter_seconds = round(time.time() - t0, 2)
 
@@ -264,76 +265,36 @@ def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
 # Verification: base GGUF + LoRA GGUF in llama.cpp vs MLX train base + adapter
 
 
-def load_gguf_with_lora(base: Path, lora: Path | None, n_ctx: int, seed: int = 0):
-    import llama_cpp
-
-    with llamacpp.captured_log() as log:
-        try:
-            return llama_cpp.Llama(model_path=str(base), lora_path=str(lora) if lora else None, logits_all=True,
-                                   n_ctx=n_ctx, verbose=False, seed=seed)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise PipelineError(f"{base} + {lora} does not load in llama.cpp ({e}):\n{llamacpp.log_tail(log, 6)}") from None
-
-
 def compare_with_mlx(cfg, base_gguf: Path | None = None, lora_gguf: Path | None = None, max_rows: int | None = None,
                      max_samples: int = 0, max_tokens: int | None = None, with_base_alone: bool = True) -> dict:
     """Mean next-token KL(MLX train base + adapter || llama.cpp base GGUF + LoRA GGUF) on test-split
     conversations, top-1 agreement, and (max_samples > 0) the task metric of greedy answers of both.
     `with_base_alone` adds the same numbers for the base GGUF without the LoRA (the gap it closes)."""
-    import mlx.core as mx
-    from mlx_lm.tuner.utils import load_adapters
-    from transformers import AutoTokenizer
-
-    from .data.formats import prompt_and_answer
-    from .metrics import score_answers
-    from .modeling import load_model
-    from .phases.p10_verify_gguf import (_chat_rows, _full, _gguf_logits, _greedy, _log_softmax, _mlx_logits,
-                                         gguf_metadata, render_chat)
-
     paths = RunPaths(cfg)
     base_gguf = Path(base_gguf or paired_base_path(cfg))
     lora_gguf = Path(lora_gguf or adapter_gguf_path(cfg))
     max_rows = cfg.verify.max_rows if max_rows is None else max_rows
     max_tokens = cfg.eval.max_tokens if max_tokens is None else max_tokens
-    rows = _chat_rows(paths.data / "test.jsonl")
-    tokenizer = AutoTokenizer.from_pretrained(str(paths.train_base))
-    ids = [tokenizer.apply_chat_template(_full(r), tokenize=True, return_dict=False) for r in rows[:max_rows]]
-    model, mlx_tok, _ = load_model(paths.train_base, "float32")
-    load_adapters(model, str(paths.adapters))
-    model.eval()
-    mx.eval(model.parameters())
-    ref = [_log_softmax(_mlx_logits(model, x)) for x in ids]
-    answered = rows[:max_samples]
-    refs = [prompt_and_answer(r)[1] for r in answered]
-    n_ctx = max(len(x) for x in ids) + max_tokens + 64
-    if answered:
-        n_ctx = max(n_ctx, max(len(tokenizer.apply_chat_template(prompt_and_answer(r)[0], tokenize=True,
-                                                                 return_dict=False, add_generation_prompt=True))
-                               for r in answered) + max_tokens + 16)
-    report: dict = {"rows_compared": len(ids), "rows_answered": len(answered), "base_gguf": str(base_gguf),
+    rows = agreement.read_rows(paths.data / "test.jsonl")
+    model, tokenizer = agreement.load_trained(paths.train_base, paths.adapters)
+    convs = agreement.conversations(tokenizer, rows[:max_rows])
+    trained = agreement.cached(agreement.mlx_scorer(model), convs, "all")
+    prompts, refs = zip(*[prompt_and_answer(r) for r in rows[:max_samples]]) if max_samples else ((), ())
+    prompt_ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in prompts]
+    n_ctx = agreement.context_length(convs, prompt_ids, max_tokens)
+    report: dict = {"rows_compared": len(convs), "rows_answered": len(prompts), "base_gguf": str(base_gguf),
                     "lora_gguf": str(lora_gguf)}
-    if answered:
-        from .phases.p05_evaluate import generate_answers
-
-        prompts = [prompt_and_answer(r)[0] for r in answered]
-        report["mlx"] = {"metric": score_answers(generate_answers(model, mlx_tok, prompts, max_tokens), refs)}
-
+    if prompts:
+        report["mlx"] = {"metric": score_answers(agreement.mlx_answers(model, tokenizer, list(prompts), max_tokens),
+                                                 list(refs))}
     for label, lora in [("gguf_base_lora", lora_gguf)] + ([("gguf_base_alone", None)] if with_base_alone else []):
-        llm = load_gguf_with_lora(base_gguf, lora, n_ctx, cfg.seed)
+        llm = llamacpp.open_gguf(base_gguf, n_ctx, cfg.seed, lora=lora)
         try:
             with llamacpp.captured_log():
-                kls, agree = [], []
-                for x, p in zip(ids, ref):
-                    q = _log_softmax(_gguf_logits(llm, x))
-                    kls.append(np.sum(np.exp(p) * (p - q), axis=-1))
-                    agree.append(p.argmax(-1) == q.argmax(-1))
-                row = {"kl": float(np.concatenate(kls).mean()),
-                       "top1_percent": round(100.0 * float(np.concatenate(agree).mean()), 2)}
-                if answered:
-                    meta = gguf_metadata(llm)
-                    answers = [_greedy(llm, render_chat(meta["chat_template"], prompt_and_answer(r)[0],
-                                                        meta["special_tokens"], True), max_tokens) for r in answered]
-                    row["metric"] = score_answers(answers, refs)
+                row = agreement.compare(trained, agreement.gguf_scorer(llm), convs, "all")
+                if prompts:
+                    answers = agreement.gguf_answers(llm, agreement.gguf_metadata(llm), list(prompts), max_tokens)
+                    row["metric"] = score_answers(answers, list(refs))
         finally:
             llm.close()
         report[label] = row

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .config import KEYS, _type_name, default_of, load_config
+from .config import KEYS, default_of, load_config, type_name
 from .errors import ConfigError, PipelineError
 
 # command -> (module:function, config sections shown, config keys exposed as flags, summary)
@@ -154,7 +154,7 @@ FLAG_ALIASES = {"fuse.dequantize": ["--dequantize"], "gguf.native": ["--no-dequa
 
 def _option(key: str):
     f = KEYS[key]
-    meta, kind = f.metadata, _type_name(f)
+    meta, kind = f.metadata, type_name(f)
     flag = FLAG_NAMES.get(key, "--" + key.split(".")[-1].replace("_", "-"))
     default = default_of(f)
     extra = []

@@ -276,7 +276,7 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _type_name(f: dataclasses.Field) -> str:
+def type_name(f: dataclasses.Field) -> str:
     return {"bool": "bool", "int": "int", "float": "float", "list": "list"}.get(
         f.type if isinstance(f.type, str) else f.type.__name__, "str"
     )
@@ -285,7 +285,7 @@ def _type_name(f: dataclasses.Field) -> str:
 def coerce(key: str, value: Any, origin: str):
     """Convert `value` to the key's type and check it; errors name the key and allowed values."""
     f = KEYS[key]
-    kind, meta = _type_name(f), f.metadata
+    kind, meta = type_name(f), f.metadata
     where = f"{key} = {value!r} (from {origin})"
     if value is None:
         if f.default is None:

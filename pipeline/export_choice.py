@@ -102,8 +102,11 @@ def _pick(rows: list[dict], type_name: str | None, file: str | None) -> dict:
 
 
 def type_key(row: dict) -> str:
-    """What --type matches: Q4_K_M, Q4_K_M-IMATRIX, Q4_1-NATIVE, F16, F16+LORA (file names are
-    <run>-<TYPE>[-imatrix|-native].gguf; the run name may itself hold dashes)."""
+    """What --type matches: Q4_K_M, Q4_K_M-IMATRIX, Q4_1-NATIVE, F16, F16+LORA, Q4_1-NATIVE-BASE+LORA:
+    the key 10 verify recorded from 09's manifest (pipeline/gguf_kinds.py). Reports written before
+    kinds were recorded: read off the file name (<run>-<TYPE>[-imatrix|-native].gguf)."""
+    if row.get("key"):
+        return row["key"].upper()
     if " + " in row["file"]:
         return "F16+LORA"
     parts = Path(row["file"]).stem.split("-")

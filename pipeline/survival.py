@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from . import agreement
+
 # The fused model must be much closer to base + adapter than the base is, or the fine-tune was lost.
 # Measured on the demo: the --no-dequantize fuse kept KL ratio 0.48 yet scored 0 % JSON match
 # (98.3 % unfused): half of the KL gap already loses the task, so 0.5 was too lenient.
 MAX_KL_RATIO = 0.25
 E2E_ROWS = 4
 WORST_LAYERS = 5
+SPAN = "answer"  # the fine-tune shows in the answers; the prompt tokens would dilute it
 
 BETTER_OPTIONS = (
     "better options: `--rebase` (add the adapter to the original full-precision base; the GGUF step "
@@ -98,45 +101,10 @@ def _dense(m):
                          group_size=m.group_size, bits=m.bits, mode=m.mode)
 
 
-def read_rows(path: Path, n: int) -> list[dict]:
-    import json
-
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "messages" in r or "prompt" in r][:n]
-
-
-def _answer_logprobs(model, tokenizer, rows) -> list:
-    """log-softmax (float64 numpy) of the positions that predict each row's answer tokens."""
-    import mlx.core as mx
-    import numpy as np
-
-    from .data.formats import prompt_and_answer
-
-    out = []
-    for r in rows:
-        messages, answer = prompt_and_answer(r)
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}],
-                                             return_dict=False)
-        start = max(len(prompt) - 1, 0) if full[: len(prompt)] == prompt else 0
-        logits = model(mx.array([full]))[0, start: len(full) - 1].astype(mx.float32)
-        x = np.array(logits).astype(np.float64)
-        x -= x.max(-1, keepdims=True)
-        out.append(x - np.log(np.exp(x).sum(-1, keepdims=True)))
-    return out
-
-
-def _kl(p: list, q: list) -> float:
-    import numpy as np
-
-    return float(np.concatenate([np.sum(np.exp(a) * (a - b), axis=-1) for a, b in zip(p, q)]).mean())
-
-
 def end_to_end(train_base: Path, adapters: Path, fused: Path, fused_into: Path, valid: Path,
                n_rows: int = E2E_ROWS) -> dict | None:
-    """KL(trained || fused) and KL(trained || base) on a few validation rows, float32.
+    """KL(trained || fused) and KL(trained || base) over the answer tokens of a few validation rows,
+    float32 (pipeline/agreement.py, span "answer").
 
     trained = `train_base` + adapter (what training optimised); base = `fused_into` (what the
     adapter was added to: the training base, or the original base for --rebase). Models are
@@ -148,33 +116,34 @@ def end_to_end(train_base: Path, adapters: Path, fused: Path, fused_into: Path, 
 
     from .modeling import load_model
 
-    rows = read_rows(valid, n_rows)
+    rows = agreement.read_rows(valid, n_rows, required=False)
     if not rows:
         return None
     model, tokenizer, _ = load_model(train_base, "float32")
-    base_lp = _answer_logprobs(model, tokenizer, rows) if Path(fused_into) == Path(train_base) else None
+    convs = agreement.conversations(tokenizer, rows)
+    base = agreement.cached(agreement.mlx_scorer(model), convs, SPAN) if Path(fused_into) == Path(train_base) else None
     load_adapters(model, str(adapters))
     model.eval()
-    ref = _answer_logprobs(model, tokenizer, rows)
+    trained = agreement.cached(agreement.mlx_scorer(model), convs, SPAN)
     del model
     gc.collect()
-    if base_lp is None:
+    if base is None:
         model, _, _ = load_model(fused_into, "float32")
-        base_lp = _answer_logprobs(model, tokenizer, rows)
+        base = agreement.cached(agreement.mlx_scorer(model), convs, SPAN)
         del model
         gc.collect()
-    kl_base = _kl(ref, base_lp)
-    del base_lp
+    to_base = agreement.compare(trained, base, convs, SPAN)
+    del base
     model, _, _ = load_model(fused, "float32")
-    kl_fused = _kl(ref, _answer_logprobs(model, tokenizer, rows))
+    to_fused = agreement.compare(trained, agreement.mlx_scorer(model), convs, SPAN)
     del model
     gc.collect()
     return {
         "rows": len(rows),
-        "positions": int(sum(len(r) for r in ref)),
-        "kl_trained_vs_fused": kl_fused,
-        "kl_trained_vs_base": kl_base,
-        "ratio": (kl_fused / kl_base) if kl_base > 0 else None,
+        "positions": to_fused["positions"],
+        "kl_trained_vs_fused": to_fused["kl"],
+        "kl_trained_vs_base": to_base["kl"],
+        "ratio": (to_fused["kl"] / to_base["kl"]) if to_base["kl"] > 0 else None,
         "base": str(fused_into),
     }
 

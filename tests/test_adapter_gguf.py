@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,21 +106,94 @@ def test_reuses_current_base(adapter_run):
     assert again["adapter_sha256"] == first["adapter_sha256"]
 
 
-def test_gguf_and_verify_phases_carry_the_lora(export_runs, tmp_path):
-    """`mlx-pipeline gguf --adapter-gguf` writes the pair; `verify` measures base + LoRA, not as a model."""
+@pytest.fixture(scope="module")
+def verified_pairs(export_runs, tmp_path_factory):
+    """`mlx-pipeline gguf --adapter-gguf` then `verify` on a QLoRA run fused --de-quantize: Q8_0 of the
+    fused model, the F16 base + LoRA pair and the native Q4_1 base + LoRA pair, all measured."""
     from pipeline.phases.p09_convert_to_gguf import convert_to_gguf
     from pipeline.phases.p10_verify_gguf import verify_gguf
 
+    root = tmp_path_factory.mktemp("pairs")
     fused_cfg, _ = export_runs.fused("llama", dequantize=True, dtype="float32")
-    shutil.copytree(fused_cfg.run_dir, tmp_path / "t", ignore=shutil.ignore_patterns("hf", "gguf", "verify"))
-    cfg = make_cfg(tmp_path, gguf__quantizations="Q8_0", gguf__adapter_gguf=True, verify__max_rows=2,
-                   verify__max_samples=0)
-    result = convert_to_gguf(cfg)
-    manifest = json.loads((tmp_path / "t" / "gguf" / "manifest.json").read_text())
-    assert manifest["outputs"]["adapter_gguf"]["modules"] > 0
-    assert sorted(result.files) == ["F16", "Q8_0"]
-    report = verify_gguf(cfg)
-    data = json.loads((report.path / "report.json").read_text())
-    assert [r["file"] for r in data["models"]][:2] == ["t-F16.gguf", "t-Q8_0.gguf"]  # the pair is not a model row
-    lora = data["adapter_gguf"]["gguf_base_lora"]
-    assert lora["kl"] < data["adapter_gguf"]["gguf_base_alone"]["kl"] / 20
+    shutil.copytree(fused_cfg.run_dir, root / "t", ignore=shutil.ignore_patterns("hf", "gguf", "verify"))
+    cfg = make_cfg(root, gguf__quantizations="Q8_0", gguf__adapter_gguf=True, verify__max_rows=3,
+                   verify__max_samples=2, eval__max_tokens=8)
+    convert_to_gguf(cfg)
+    result = verify_gguf(cfg)
+    return cfg, result, json.loads((root / "t" / "gguf" / "manifest.json").read_text())
+
+
+def test_manifest_records_each_files_kind(verified_pairs):
+    cfg, _, manifest = verified_pairs
+    files = manifest["outputs"]["files"]
+    assert {k: e["kind"] for k, e in files.items()} == {
+        "F16": "converter", "Q8_0": "quantizer", "LoRA-F16": "lora", "adapter-base-F16": "lora-base-f16",
+        "Q4_1-native-base": "native-base"}
+    for key in ("adapter-base-F16", "Q4_1-native-base"):
+        assert files[key]["lora"] == "t-adapter-LoRA-F16.gguf", key
+    assert files["Q4_1-native-base"]["file"] == "t-Q4_1-native-base.gguf"
+    assert manifest["native_base"]["source"].endswith("base-quantized") and manifest["native_base"]["transcoded"] > 0
+    # The LoRA GGUF is tiny next to the base; the native base is Q4_1-sized, not F16-sized.
+    assert files["Q4_1-native-base"]["size_bytes"] < 0.5 * files["adapter-base-F16"]["size_bytes"]
+
+
+def test_pairs_are_the_trained_model(verified_pairs):
+    """Both pairs measured against MLX train base + adapter: KL at the float floor, far below the base
+    GGUF alone, and the native 4-bit pair closer to the trained model than Q8_0 of the fused one."""
+    from pipeline.export_choice import type_key
+
+    cfg, result, _ = verified_pairs
+    rows = {type_key(r): r for r in result.rows}
+    assert result.passed and set(rows) == {"F16", "Q8_0", "F16+LORA", "Q4_1-NATIVE-BASE+LORA", "MLX", "MLX+ADAPTER"}
+    f16_pair, native_pair, q8 = rows["F16+LORA"], rows["Q4_1-NATIVE-BASE+LORA"], rows["Q8_0"]
+    print({k: (r["kl"], r.get("kl_base_alone"), r["top1_percent"]) for k, r in rows.items()})
+    assert f16_pair["kl"] <= 1e-3 and native_pair["kl"] <= 1e-3
+    assert native_pair["kl"] < q8["kl"]
+    for r in (f16_pair, native_pair):
+        assert r["kl_base_alone"] > 20 * r["kl"], r  # the LoRA GGUF carries the fine-tune
+        assert r["tokenizer_equal"] and r["chat_template_equal"] and r["metric"]["n"] == 2
+    assert native_pair["file"] == "t-Q4_1-native-base.gguf + t-adapter-LoRA-F16.gguf"
+    assert native_pair["type"] == "Q4_1 + LoRA"
+    assert native_pair["size_bytes"] == sum((Path(cfg.models_dir) / "t" / "gguf" / f).stat().st_size
+                                            for f in native_pair["file"].split(" + "))
+    md = (Path(cfg.models_dir) / "t" / "verify" / "report.md").read_text()
+    assert "| t-Q4_1-native-base.gguf + t-adapter-LoRA-F16.gguf | LoRA GGUF on the training base's MLX blocks" in md
+    assert "| base-quantized/ + adapters/ (MLX) | training base + adapter" in md
+
+
+def test_verify_names_the_pair_when_the_lora_is_swapped(verified_pairs, tmp_path):
+    """Another adapter's LoRA GGUF in place of this run's (its hash re-recorded, as a careless copy
+    would never do but a re-export of another run into this folder would): both pairs fail, named."""
+    import mlx.core as mx
+
+    from pipeline.adapter_gguf import convert_lora, mlx_to_peft
+    from pipeline.fsio import sha256_file
+    from pipeline.phases.p10_verify_gguf import verify_gguf
+
+    cfg, _, _ = verified_pairs
+    shutil.copytree(Path(cfg.models_dir) / "t", tmp_path / "t", ignore=shutil.ignore_patterns("verify"))
+    run = tmp_path / "t"
+    other = tmp_path / "other-adapter"
+    other.mkdir()
+    shutil.copy(run / "adapters" / "adapter_config.json", other)
+    weights = mx.load(str(run / "adapters" / "adapters.safetensors"))
+    mx.save_safetensors(str(other / "adapters.safetensors"),
+                        {k: -v if k.endswith("lora_b") else v for k, v in weights.items()})
+    mlx_to_peft(other, tmp_path / "peft", json.loads((run / "base" / "config.json").read_text()))
+    lora = run / "gguf" / "t-adapter-LoRA-F16.gguf"
+    convert_lora(tmp_path / "peft", run / "base", lora)
+    manifest_path = run / "gguf" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["outputs"]["files"]["LoRA-F16"]["sha256"] = sha256_file(lora)
+    manifest.pop("file_stats", None)
+    manifest_path.write_text(json.dumps(manifest))
+
+    cfg2 = make_cfg(tmp_path, gguf__quantizations="Q8_0", gguf__adapter_gguf=True, verify__max_rows=3,
+                    verify__max_samples=0)
+    with pytest.raises(PipelineError) as e:
+        verify_gguf(cfg2)
+    message = str(e.value)
+    for base in ("t-adapter-base-F16.gguf", "t-Q4_1-native-base.gguf"):
+        assert f"{base} + t-adapter-LoRA-F16.gguf: " in message, message
+    assert "the LoRA GGUF does not carry this run's adapter" in message
+    assert "t-Q8_0.gguf" not in message  # the fused model's files are still right

@@ -97,8 +97,8 @@ def test_verify_fails_on_template_tokenizer_and_broken_files(tmp_path, tmp_path_
     assert "named Bob, trained" in message and "named SmolLM, trained" in message
     assert "t-tokens.gguf: llama.cpp tokenizes differently from the trained model's tokenizer (test row 0" in message
     # Refused by the header validator (pipeline/untrusted/gguf_header.py) before llama.cpp reads them.
-    assert "t-truncated.gguf: is not a valid GGUF, not loaded" in message
-    assert "junk.gguf: is not a valid GGUF, not loaded" in message
+    assert "t-truncated.gguf is not a valid GGUF, not loaded" in message
+    assert "junk.gguf is not a valid GGUF, not loaded" in message
     assert "t-F16.gguf" not in message
 
     report = json.loads((tmp_path / "t" / "verify" / "report.json").read_text())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..agreement import mlx_answers
 from ..data.formats import prompt_and_answer
 from ..errors import DataError
 from ..fsio import sha256_file, write_json, write_text
@@ -20,8 +21,6 @@ from ..manifest import read_manifest, write_manifest
 from ..metrics import score_answers
 from ..paths import RunPaths
 from .common import done, start_phase
-
-GEN_BATCH = 16
 
 
 @dataclass
@@ -96,7 +95,7 @@ def _score(model, tokenizer, rows, scored, cfg) -> dict:
     loss = split_loss(model, tokenizer, rows, cfg.train.batch_size, cfg.data.max_seq_length, cfg.train.mask_prompt)
     out = {"test_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
     if scored:
-        answers = generate_answers(model, tokenizer, [prompt_and_answer(r)[0] for r in scored], cfg.eval.max_tokens)
+        answers = mlx_answers(model, tokenizer, [prompt_and_answer(r)[0] for r in scored], cfg.eval.max_tokens)
         out["metric"] = score_answers(answers, [prompt_and_answer(r)[1] for r in scored])
         out["answers"] = answers
     return out
@@ -113,21 +112,6 @@ def split_loss(model, tokenizer, rows, batch_size, max_len, mask_prompt) -> floa
     data = CacheDataset(create_dataset(rows, tokenizer, options))
     bs = min(batch_size, len(rows))
     return mlx_evaluate(model, data, bs, num_batches=-1, max_seq_length=max_len)
-
-
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_tokens: int) -> list[str]:
-    """Greedy answers for chat prompts, batched."""
-    from mlx_lm.generate import batch_generate
-    from tqdm import tqdm
-
-    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in prompts]
-    answers: list[str] = []
-    with tqdm(total=len(encoded), desc="generate", unit="answer", dynamic_ncols=True) as bar:
-        for i in range(0, len(encoded), GEN_BATCH):
-            chunk = encoded[i : i + GEN_BATCH]
-            answers += [t.strip() for t in batch_generate(model, tokenizer, chunk, max_tokens=max_tokens).texts]
-            bar.update(len(chunk))
-    return answers
 
 
 def _one_line(text: str, width: int = 160) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import click
 
 from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
+from ..hf_export import TOKENIZER_FILES, copy_tokenizer_files  # noqa: F401 (tests name them here)
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files
 from ..untrusted.safetensors_header import check_safetensors
@@ -34,9 +34,6 @@ from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from ..survival import end_to_end, fused_layer_stats, lost, lost_message, summarize_layers, summary_lines
 from .common import done, start_phase
 
-# What a model folder carries besides weights and config.json; copied byte for byte.
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                   "merges.txt", "*.tiktoken", "chat_template*", "generation_config.json"]
 # Warn when the re-quantization error exceeds this share of the adapter's own weight change.
 MAX_DELTA_ERROR = 0.5
 
@@ -299,17 +296,6 @@ def _dense(m):
 
 def _scale_bits(model) -> int:
     return next((8 * m.scales.itemsize for _, m in model.named_modules() if _is_quantized(m)), 16)
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer, chat template and generation config, byte for byte (never re-serialised)."""
-    copied = []
-    for pattern in TOKENIZER_FILES:
-        for f in sorted(Path(src).glob(pattern)):
-            if f.is_file() and f.name not in copied:
-                shutil.copyfile(f, Path(dst) / f.name)
-                copied.append(f.name)
-    return copied
 
 
 def size_report(sizes: dict, parameters: int, quantization: dict | None, scale_bits: int,

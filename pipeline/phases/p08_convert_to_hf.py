@@ -20,13 +20,12 @@ import click
 from .. import arch
 from ..errors import PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
+from ..hf_export import INDEX, copy_tokenizer_files, dense_weights, hf_config, save_shards  # noqa: F401 (tests: INDEX)
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files, read_config
 from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from .common import done, start_phase
-from .p07_fuse_lora import copy_tokenizer_files
 
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -50,12 +49,12 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
         require_folder(paths.fused, "--mlx-model")
         check_given_output(paths.hf, {"the MLX model": paths.fused}, "08_convert_to_hf")
         fused_manifest = read_manifest(paths.fused, "fuse") if (paths.fused / MANIFEST).is_file() else {}
-        check_weight_files(paths.fused)
         config_dir = paths.fused
     else:
         fused_manifest = read_manifest(paths.fused, "fuse")
         read_manifest(paths.base, "base")
         config_dir = paths.base
+    check_weight_files(paths.fused)  # every safetensors header validated before MLX reads the weights
     base_config = read_config(config_dir)
 
     weights, mlx_config = dense_weights(paths.fused, getattr(mx, cfg.export.dtype))
@@ -99,73 +98,3 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
         click.echo(f"config.json: {c}")
     done(f"Hugging Face model ready: {out}")
     return HFResult(out, cfg.export.dtype, shards, size, changes)
-
-
-def dense_weights(model_dir: Path, dtype) -> tuple[dict, dict]:
-    """Every parameter of an MLX model folder by its MLX name, dense and cast to `dtype`.
-
-    Arrays stay lazy: each is read, dequantized and cast when its shard is written.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import load_model
-
-    def f32(a):
-        return a.astype(mx.float32) if a is not None and mx.issubdtype(a.dtype, mx.floating) else a
-
-    try:
-        model, config = load_model(Path(model_dir), lazy=True)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise PipelineError(f"mlx-lm could not load {model_dir}: {e}. Re-run `make fuse`.") from None
-    weights = dict(tree_flatten(model.parameters()))
-    for name, m in model.named_modules():
-        if "scales" in m:  # quantized layer: w = scale * q + bias per group
-            weights[f"{name}.weight"] = mx.dequantize(
-                m.weight, f32(m.scales), f32(m.get("biases")), group_size=m.group_size, bits=m.bits, mode=m.mode
-            )
-            del weights[f"{name}.scales"]
-            weights.pop(f"{name}.biases", None)
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}, config
-
-
-def hf_config(base_config: dict, dtype: str, tied: bool) -> tuple[dict, list[str]]:
-    """The base's config.json with only what the export changes: dtype, no quantization keys."""
-    config, changes = dict(base_config), []
-    for key in ("quantization", "quantization_config"):
-        if config.pop(key, None) is not None:
-            changes.append(f"removed {key} (the weights are dense)")
-    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
-        if config.get(key) != dtype:
-            changes.append(f"{key} = {dtype} (was {config.get(key)})")
-            config[key] = dtype
-    if tied and not config.get("tie_word_embeddings"):
-        # mlx-lm built the model without lm_head (its default ties); say so, or transformers
-        # would start from a random output layer.
-        config["tie_word_embeddings"] = True
-        changes.append("tie_word_embeddings = true (the MLX model has no separate lm_head)")
-    return config, changes
-
-
-def save_shards(weights: dict, out: Path, max_bytes: int) -> list[str]:
-    """Write safetensors of at most `max_bytes` each (a larger tensor gets a shard of its own)."""
-    import mlx.core as mx
-
-    shards, size = [[]], 0
-    for k in sorted(weights):
-        n = weights[k].nbytes
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += n
-    count = len(shards)
-    names = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    for name, keys in zip(names, shards):
-        # "format": "pt" is what transformers expects in safetensors metadata.
-        mx.save_safetensors(str(out / name), {k: weights[k] for k in keys}, metadata={"format": "pt"})
-    if count > 1:
-        write_json(out / INDEX, {
-            "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-            "weight_map": {k: name for name, keys in zip(names, shards) for k in keys},
-        })
-    return names

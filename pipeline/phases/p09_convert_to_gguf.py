@@ -18,14 +18,15 @@ from pathlib import Path
 
 import click
 
-from .. import arch, gguf_native, imatrix, llamacpp
+from .. import arch, gguf_kinds, gguf_native, imatrix, llamacpp
+from ..adapter_gguf import adapter_gguf_path, native_base_path, paired_base_path, write_adapter_gguf
 from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, ensure_free_space, gguf_size_estimate, hash_model_dir, human_size, sha256_file
 from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
 from ..modeling import check_weight_files, read_config
 from ..paths import RunPaths
+from ..survival import lost_message
 from .common import done, start_phase
-
 
 # Types llama.cpp quantizes without looking at an importance matrix.
 NO_IMATRIX = {"Q8_0", "F16", "BF16", "F32"}
@@ -71,7 +72,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
     source = files[types[0]]
     for t in types:
         t0 = time.time()
-        with atomic_path(files[t], suffix=".gguf") as tmp:
+        with atomic_path(files[t]) as tmp:
             if t == types[0]:
                 _step(next(steps), total, t, f"llama.cpp's converter on {hf}")
                 _convert(hf, tmp, cfg.gguf.outtype)
@@ -87,7 +88,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
             files[name] = out / f"{cfg.run}-{name}.gguf"
             t0 = time.time()
             _step(next(steps), total, name, "llama-quantize --imatrix")
-            with atomic_path(files[name], suffix=".gguf") as tmp:
+            with atomic_path(files[name]) as tmp:
                 imatrix.quantize_with_imatrix(source, tmp, t, paths.imatrix / "imatrix.gguf", cfg.gguf.threads)
             types.append(name)
             _record(timings, name, files[name], t0)
@@ -97,34 +98,41 @@ def convert_to_gguf(cfg) -> GGUFResult:
         _step(next(steps), total, native, f"MLX's quantized weights of {native_paths.fused} as GGUF blocks "
                                           "(no second quantization)")
         native_stats = _write_native(cfg, native_paths, source, files[native])
-        types.append(native)
-        _record(timings, native, files[native], t0, f": {native_stats['transcoded']} tensors transcoded, "
-                f"max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
+        if native_stats.get("skipped"):
+            del files[native]
+            click.echo(f"      not exported: {native_stats['skipped']}")
+        else:
+            types.append(native)
+            _record(timings, native, files[native], t0, f": {native_stats['transcoded']} tensors transcoded, "
+                    f"max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
     parameters = gguf_parameters(source)
 
     keep = set(files.values())
-    adapter = None
+    adapter = native_base = None
     if cfg.gguf.adapter_gguf:
-        from ..adapter_gguf import adapter_gguf_path, paired_base_path, write_adapter_gguf
-
-        keep |= {adapter_gguf_path(cfg), paired_base_path(cfg)}
+        keep |= {adapter_gguf_path(cfg), paired_base_path(cfg), *_native_bases(cfg)}
     _remove_stale(out, cfg.run, keep)
     if cfg.gguf.adapter_gguf:
         click.echo("[adapter] LoRA GGUF (llama.cpp convert_lora_to_gguf.py) + the base GGUF it pairs with")
         adapter = write_adapter_gguf(cfg)
         click.echo(f"      {Path(adapter['adapter_gguf']).name} on {Path(adapter['base_gguf']).name} "
                    f"(base {'reused' if adapter['base']['reused'] else 'written'})")
+        native_base = _write_native_base(cfg, paths)
     table = [{"type": t, "file": files[t].name, "size_bytes": files[t].stat().st_size,
               "bits_per_weight": round(files[t].stat().st_size * 8 / parameters, 2), "seconds": timings[t]}
              for t in types]
+    entries = {r["type"]: gguf_kinds.entry(_kind(r["type"], types[0], native), r["type"], files[r["type"]],
+                                           **{k: r[k] for k in ("bits_per_weight", "seconds")}) for r in table}
+    if adapter:
+        entries.update(_pair_entries(cfg, native_base))
     write_manifest(
         out, "09_convert_to_gguf", cfg, started,
         inputs={"hf": str(hf), "model_type": model_type,
                 "hf_content_hash": hf_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(hf)},
-        outputs={"files": {r["type"]: {**r, "path": str(files[r["type"]]), "sha256": sha256_file(files[r["type"]])}
-                           for r in table}, **({"adapter_gguf": adapter} if adapter else {})},
+        outputs={"files": entries, **({"adapter_gguf": adapter} if adapter else {})},
         parameters=parameters,
         native=native_stats,
+        native_base=native_base,
         imatrix=imatrix_stats,
         toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),
                    "quantizer": str(llamacpp.quantize_binary() or "llama_cpp.llama_model_quantize")},
@@ -178,7 +186,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
         total = len(types) + (outtype not in types)
         steps = iter(range(1, total + 1))
         t0 = time.time()
-        with atomic_path(unquantized, suffix=".gguf") as tmp:
+        with atomic_path(unquantized) as tmp:
             _step(next(steps), total, outtype, f"llama.cpp's converter on {hf}")
             _convert(hf, tmp, outtype.lower())
         _record(timings, outtype, unquantized, t0)
@@ -187,7 +195,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
             if t == outtype:
                 continue
             t0 = time.time()
-            with atomic_path(files[t], suffix=".gguf") as tmp:
+            with atomic_path(files[t]) as tmp:
                 _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
                 llamacpp.quantize(unquantized, tmp, t, cfg.gguf.threads)
             _record(timings, t, files[t], t0)
@@ -197,7 +205,8 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     write_manifest(
         prefix.parent, "09_convert_to_gguf", cfg, started, name=manifest_name,
         inputs={"model": str(source), "model_type": model_type, "content_hash": hash_model_dir(source)},
-        outputs={"files": {r["type"]: {**r, "path": str(files[r["type"]]), "sha256": sha256_file(files[r["type"]])}
+        outputs={"files": {r["type"]: gguf_kinds.entry(_kind(r["type"], outtype, None), r["type"], files[r["type"]],
+                                                        bits_per_weight=r["bits_per_weight"], seconds=r["seconds"])
                            for r in table}},
         parameters=parameters,
         toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),
@@ -255,6 +264,10 @@ def _write_native(cfg, native_paths: RunPaths, f16_of_fused: Path, dst: Path) ->
 
         click.echo(f"      fused/ is de-quantized: fusing again with --no-dequantize into {native_paths.fused}")
         fuse(replace(cfg, fuse=replace(cfg.fuse, dequantize=False, rebase=False, strict=False)), native_paths)
+        survival = read_manifest(native_paths.fused, "fuse").get("survival") or {}
+        if survival.get("lost"):  # a file that is not the fine-tune is not shown as an export of it
+            dst.unlink(missing_ok=True)
+            return {"source": str(native_paths.fused), "skipped": lost_message(survival, False, False)}
         convert_to_hf(cfg, native_paths)
         f16 = native_paths.hf / ".source-F16.gguf"  # the transcoder's template file, not an output
         try:
@@ -264,6 +277,55 @@ def _write_native(cfg, native_paths: RunPaths, f16_of_fused: Path, dst: Path) ->
             f16.unlink(missing_ok=True)
     stats.pop("tensors", None)
     return {**stats, "source": str(native_paths.fused)}
+
+
+def _kind(key: str, outtype: str, native: str | None) -> gguf_kinds.Kind:
+    if key == outtype:
+        return gguf_kinds.CONVERTER
+    if key == native:
+        return gguf_kinds.NATIVE_FUSE
+    return gguf_kinds.IMATRIX if key.endswith("-imatrix") else gguf_kinds.QUANTIZER
+
+
+def _write_native_base(cfg, paths: RunPaths) -> dict | None:
+    """<run>-<Q4_1|Q5_1>-native-base.gguf: the QLoRA training base's own MLX blocks, transcoded with the
+    de-quantized training base's F16 GGUF as template. With the LoRA GGUF it is the trained model."""
+    for stale in _native_bases(cfg):
+        stale.unlink(missing_ok=True)
+    if not (cfg.quantize.enabled and (paths.quantized / MANIFEST).is_file()):
+        return None  # LoRA on a full-precision base: the F16 base + LoRA pair is the exact one
+    try:
+        native_type = gguf_native.check_native_source(paths.quantized)
+    except PipelineError as e:
+        click.echo(f"      no native base GGUF: {e}")
+        return {"skipped": str(e)}
+    t0 = time.time()
+    out = native_base_path(cfg, native_type)
+    click.echo(f"[adapter] {out.name}: MLX's {native_type} blocks of {paths.quantized} (the training base) as GGUF")
+    stats = gguf_native.write_native_gguf(paths.quantized, paired_base_path(cfg), out)
+    stats.pop("tensors", None)
+    click.echo(f"      {human_size(out.stat().st_size)} in {time.time() - t0:.1f} s: {stats['transcoded']} tensors "
+               f"transcoded, max |GGUF - MLX| {stats['max_abs_diff']:.2g}")
+    return {**stats, "type": native_type, "source": str(paths.quantized), "path": str(out),
+            "seconds": round(time.time() - t0, 2)}
+
+
+def _native_bases(cfg) -> list[Path]:
+    """Every name the native base GGUF can have (4-bit -> Q4_1, 5-bit -> Q5_1)."""
+    return [native_base_path(cfg, gguf_native.native_type_name(bits)) for bits in (4, 5)]
+
+
+def _pair_entries(cfg, native_base: dict | None) -> dict:
+    """Manifest entries of the LoRA GGUF and the base GGUFs it pairs with (each pair is one export)."""
+    lora = adapter_gguf_path(cfg)
+    entries = {"LoRA-F16": gguf_kinds.entry(gguf_kinds.LORA, "LoRA-F16", lora)}
+    entries["adapter-base-F16"] = gguf_kinds.entry(gguf_kinds.LORA_BASE_F16, "adapter-base-F16", paired_base_path(cfg),
+                                                   lora=lora.name, pair_key=gguf_kinds.pair_key("F16"))
+    if native_base and not native_base.get("skipped"):
+        key = f"{native_base['type']}-native-base"
+        entries[key] = gguf_kinds.entry(gguf_kinds.NATIVE_BASE, key, Path(native_base["path"]), lora=lora.name,
+                                        pair_key=gguf_kinds.pair_key(key))
+    return entries
 
 
 def _make_imatrix(cfg, paths: RunPaths, hf: Path, model_gguf: Path) -> dict:

@@ -1,48 +1,53 @@
-"""10 Verify every GGUF against the MLX model it was made from, in llama.cpp itself.
+"""10 Verify every GGUF export against the MLX model it was made from, in llama.cpp itself.
 
-For each models/<run>/gguf/*.gguf, on the test split:
+Each file's kind comes from 09's manifest (pipeline/gguf_kinds.py), and with it the reference: the
+fused model (fused/) for files made from it, the training base + adapter for a base GGUF + LoRA
+GGUF pair (measured together, and alone to show what the LoRA GGUF carries). A .gguf file in gguf/
+that 09 did not write is measured against the fused model. For each, on the test split:
 - tokenizer and chat template: the GGUF's own chat template (from its metadata, rendered in a
   sandboxed Jinja environment) must equal the trained model's, and llama.cpp's tokenization of the
   rendered conversations must equal the Hugging Face tokenizer's;
-- next-token fidelity on the same full-conversation tokens: mean KL(MLX || GGUF) over positions,
-  top-1 agreement and each model's perplexity;
+- next-token fidelity on the same full-conversation tokens (pipeline/agreement.py, span "all"):
+  mean KL(MLX || GGUF) over positions, top-1 agreement and each model's perplexity;
 - the task metric (greedy answers scored by pipeline/metrics.py), for the GGUF and for MLX.
-The MLX reference is models/<run>/fused/ in float32 (on CPU its quantized layers run dequantized,
-which is exact). Verify FAILS, naming the file, when a GGUF does not load, its tokenizer or chat
-template differs, or the unquantized (F16/BF16/F32) file's KL exceeds verify.f16_max_kl.
+MLX runs in float32 (on CPU its quantized layers run dequantized, which is exact). Verify FAILS,
+naming the file, when a GGUF does not load, its tokenizer or chat template differs, an unquantized
+kind's KL exceeds verify.f16_max_kl, or a pair is not much closer to the trained model than its
+base GGUF alone (a LoRA GGUF that is not this run's adapter).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-import numpy as np
 
-from .. import llamacpp
+from .. import agreement, gguf_kinds, llamacpp
+from ..agreement import gguf_metadata  # noqa: F401 (tests read a GGUF's metadata through 10)
 from ..data.formats import prompt_and_answer
-from ..errors import DataError, MissingInputError, PipelineError
+from ..errors import MissingInputError, PipelineError
 from ..fsio import human_size, sha256_file, write_json, write_text
 from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
 from ..metrics import score_answers
 from ..paths import RunPaths
+from ..survival import MAX_KL_RATIO
+
 # Chat templates are untrusted input: compiled and rendered in pipeline/untrusted's sandbox, under
 # time and size limits (`_jinja` is the compiled template, cached per text).
-from ..untrusted import check_gguf
 from ..untrusted.chat_template import compile_template as _jinja  # noqa: F401
 from ..untrusted.chat_template import render_chat
 from .common import done, start_phase
 
-UNQUANTIZED = ("F32", "F16", "BF16")
+load_gguf = llamacpp.open_gguf  # the name tests/test_gguf_native.py opens a GGUF by
+
 
 
 @dataclass
 class VerifyResult:
     path: Path
-    rows: list[dict] = field(default_factory=list)  # one per GGUF, then the MLX reference
+    rows: list[dict] = field(default_factory=list)  # one per GGUF export, then the MLX references
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -52,19 +57,45 @@ class VerifyResult:
 
 @dataclass
 class Reference:
-    """The trained model as verify sees it: its HF tokenizer and chat template, and MLX logits."""
+    """A model verify measures GGUFs against (gguf_kinds.FUSED or TRAINED): its HF tokenizer and chat
+    template, the MLX model in float32, the conversations compared and the rows answered."""
 
-    tokenizer: object  # transformers' tokenizer of the trained model
+    name: str
+    label: str  # its row in the table
+    tokenizer: object  # transformers' tokenizer
     template: str
     model: object  # mlx-lm model in float32
     mlx_tokenizer: object
     compared: list[dict]  # test rows compared token by token
+    convs: list[agreement.Conversation]  # the same rows through the reference's chat template
     answered: list[dict]  # test rows answered for the task metric
-    ids: list[list[int]]  # the full conversations of `compared`, tokenized by `tokenizer`
 
-    def logprobs(self, ids: list[int]) -> np.ndarray:
+    @property
+    def scorer(self) -> agreement.Scorer:
         # Recomputed for every GGUF instead of cached: rows x tokens x vocab would not stay small.
-        return _log_softmax(_mlx_logits(self.model, ids))
+        return agreement.mlx_scorer(self.model)
+
+    @property
+    def n_ctx(self) -> int:
+        return agreement.context_length(self.convs)
+
+
+@dataclass
+class Export:
+    """One thing verify measures: a GGUF file (with the LoRA GGUF for a pair) and its kind from 09's manifest."""
+
+    path: Path
+    kind: gguf_kinds.Kind | None  # None: a .gguf file 09 did not write (measured against the fused model)
+    key: str  # what --type matches
+    lora: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name + (f" + {self.lora.name}" if self.lora else "")
+
+    @property
+    def reference(self) -> str:
+        return self.kind.reference if self.kind else gguf_kinds.FUSED
 
 
 def verify_gguf(cfg) -> VerifyResult:
@@ -72,59 +103,41 @@ def verify_gguf(cfg) -> VerifyResult:
     paths = RunPaths(cfg)
     out = paths.verify
     (out / MANIFEST).unlink(missing_ok=True)  # a failed verify must not leave an old pass behind
-    _check_chain(read_manifest(paths.fused, "fuse"), read_manifest(paths.hf, "hf"), read_manifest(paths.gguf, "gguf"))
+    gguf_manifest = read_manifest(paths.gguf, "gguf")
+    fused_manifest = read_manifest(paths.fused, "fuse")
+    _check_chain(fused_manifest, read_manifest(paths.hf, "hf"), gguf_manifest)
     llamacpp.check_runtime()
-    files = sorted(paths.gguf.glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name))  # F16 first
-    from ..adapter_gguf import adapter_gguf_path, compare_with_mlx, is_adapter_output, paired_base_path
-
-    files = [p for p in files if not is_adapter_output(cfg, p)]  # base + LoRA is checked separately below
-    if not files:
+    exports = _exports(paths, gguf_manifest)
+    if not exports:
         raise MissingInputError(f"No .gguf files in {paths.gguf}. Run `make gguf` (or `mlx-pipeline gguf`) first.")
 
-    ref = _reference(paths, cfg)
-    click.echo(f"MLX reference: {paths.fused} (float32); {len(ref.compared)} test rows compared, "
-               f"{len(ref.answered)} answered")
-    mlx_row = {"file": f"{paths.fused.name}/ (MLX)", "type": _mlx_type(paths.fused),
-               "size_bytes": _dir_size(paths.fused), "kl": None, "top1_percent": None,
-               "perplexity": _perplexity([(ref.logprobs(ids), ids) for ids in ref.ids])}
-    if ref.answered:
-        from .p05_evaluate import generate_answers
+    rows, failures, mlx_rows, counts = [], [], [], (0, 0)
+    for which in (gguf_kinds.FUSED, gguf_kinds.TRAINED):
+        measured = [e for e in exports if e.reference == which]
+        if not measured:
+            continue
+        ref = _reference(paths, cfg, which)
+        counts = max(counts, (len(ref.convs), len(ref.answered)))
+        click.echo(f"\nMLX reference: {ref.label} (float32); {len(ref.convs)} test rows compared, "
+                   f"{len(ref.answered)} answered")
+        mlx_rows.append(_mlx_row(ref, paths, cfg))
+        for e in measured:
+            click.echo(f"\n{e.name}:")
+            row, problems = _measure(e, ref, cfg, fused_manifest)
+            rows.append(row)
+            failures += [f"{e.name}: {p}" for p in problems]
+            for p in problems:
+                click.secho(f"  FAIL {p}", fg="red")
+        del ref  # one MLX model in memory at a time
+    rows += mlx_rows
+    primary = next((r["metric"].get("primary") for r in mlx_rows if r.get("metric")), None)
+    notes = _fusion_note(paths, next((r for r in mlx_rows if r["key"] == "MLX"), {}))
+    notes += imatrix_notes(rows, primary=primary)
+    notes += native_notes(gguf_manifest)
 
-        prompts = [prompt_and_answer(r)[0] for r in ref.answered]
-        mlx_row["metric"] = _score(generate_answers(ref.model, ref.mlx_tokenizer, prompts, cfg.eval.max_tokens), ref)
-
-    notes = _fusion_note(paths, mlx_row)
-    rows, failures = [], []
-    for path in files:
-        click.echo(f"\n{path.name}:")
-        row, problems = _measure(path, ref, cfg)
-        rows.append(row)
-        failures += [f"{path.name}: {p}" for p in problems]
-        for p in problems:
-            click.secho(f"  FAIL {p}", fg="red")
-    adapter_report = None
-    if adapter_gguf_path(cfg).is_file() and paired_base_path(cfg).is_file():
-        base_gguf, lora = paired_base_path(cfg), adapter_gguf_path(cfg)
-        click.echo(f"\n{base_gguf.name} + {lora.name} vs MLX train base + adapter:")
-        adapter_report = compare_with_mlx(cfg, max_rows=cfg.verify.max_rows, max_samples=cfg.verify.max_samples)
-        a, b = adapter_report["gguf_base_lora"], adapter_report["gguf_base_alone"]
-        click.echo(f"  KL {a['kl']:.3g} (base alone {b['kl']:.3g}), top-1 {a['top1_percent']:.1f} %")
-        rows.append({"file": f"{base_gguf.name} + {lora.name}", "type": "F16 + LoRA",
-                     "size_bytes": base_gguf.stat().st_size + lora.stat().st_size, "perplexity": None, **a})
-        if a["kl"] > cfg.verify.f16_max_kl:
-            failures.append(f"{lora.name}: KL {a['kl']:.3g} to MLX base + adapter exceeds "
-                            f"verify.f16_max_kl = {cfg.verify.f16_max_kl:g}.")
-    rows.append(mlx_row)
-    fused_manifest = read_manifest(paths.fused, "fuse")
-    for r in rows:
-        r["path"] = export_path(r["file"], fused_manifest)
-    notes += imatrix_notes(rows, primary=mlx_row.get("metric", {}).get("primary"))
-    notes += native_notes(read_manifest(paths.gguf, "gguf"))
-
-    primary = mlx_row.get("metric", {}).get("primary")
-    report = {"rows_compared": len(ref.compared), "rows_answered": len(ref.answered), "primary_metric": primary,
+    report = {"rows_compared": counts[0], "rows_answered": counts[1], "primary_metric": primary,
               "f16_max_kl": cfg.verify.f16_max_kl, "passed": not failures, "failures": failures, "models": rows,
-              "notes": notes, "adapter_gguf": adapter_report}
+              "notes": notes}
     table = format_table(rows, primary)
     write_json(out / "report.json", report)
     write_text(out / "report.md", "# GGUF verification\n\n" + table + "\n" + "".join(f"\n> {n}\n" for n in notes)
@@ -135,60 +148,129 @@ def verify_gguf(cfg) -> VerifyResult:
     if failures:
         raise PipelineError("verify FAILED:\n" + "\n".join(f"  - {f}" for f in failures)
                             + f"\nReport: {out / 'report.md'}")
+    files = sorted({f for e in exports for f in (e.path, e.lora) if f})
     write_manifest(out, "10_verify_gguf", cfg, started,
                    inputs={"gguf": {p.name: sha256_file(p) for p in files}, "fused": str(paths.fused),
                            "test_sha256": sha256_file(paths.data / "test.jsonl")},
                    outputs={"report": str(out / "report.json"), "table": str(out / "report.md")})
-    done(f"verify passed: {len(files)} GGUF file(s) match the MLX model; report in {out / 'report.md'}")
+    done(f"verify passed: {len(exports)} GGUF export(s) match the MLX model they were made from; "
+         f"report in {out / 'report.md'}")
     return VerifyResult(out, rows, failures)
 
 
-def _reference(paths: RunPaths, cfg) -> Reference:
+def _exports(paths: RunPaths, gguf_manifest: dict) -> list[Export]:
+    """What 09 wrote, by the kind it recorded; then any other .gguf in gguf/ (a file put there by
+    hand is measured too, against the fused model: verify vouches for every file it finds)."""
+    entries = gguf_manifest.get("outputs", {}).get("files", {})
+    exports, listed = [], set()
+    for key, e in entries.items():
+        if "kind" not in e:
+            raise PipelineError(f"{paths.gguf / MANIFEST} records no GGUF kinds (written by an older version). "
+                                "Run `make gguf` (or `mlx-pipeline gguf`) again.")
+        kind = gguf_kinds.get(e["kind"])
+        path = paths.gguf / e["file"]
+        listed.add(path.name)
+        if not kind.standalone or not path.is_file():  # a listed file gone: read_manifest has judged it
+            continue
+        if kind.pairs_with_lora:
+            exports.append(Export(path, kind, e["pair_key"], paths.gguf / e["lora"]))
+        else:
+            exports.append(Export(path, kind, key.upper()))
+    others = [Export(p, None, p.stem.upper()) for p in paths.gguf.glob("*.gguf") if p.name not in listed]
+    # Largest first: the unquantized file leads the table.
+    return sorted(exports, key=lambda e: (-e.path.stat().st_size, e.name)) + sorted(others, key=lambda e: e.name)
+
+
+def _reference(paths: RunPaths, cfg, which: str) -> Reference:
     from transformers import AutoTokenizer
 
     from ..modeling import load_model
 
-    rows = _chat_rows(paths.data / "test.jsonl")
-    tok_dir = paths.fused if (paths.fused / "tokenizer_config.json").is_file() else paths.hf
+    rows = agreement.read_rows(paths.data / "test.jsonl")
+    if which == gguf_kinds.TRAINED:
+        source, label = paths.train_base, f"{paths.train_base.name}/ + {paths.adapters.name}/ (MLX)"
+        model, mlx_tokenizer = agreement.load_trained(paths.train_base, paths.adapters)
+    else:
+        source, label = paths.fused, f"{paths.fused.name}/ (MLX)"
+        model, mlx_tokenizer, _ = load_model(paths.fused, "float32")
+    tok_dir = source if (source / "tokenizer_config.json").is_file() else paths.hf
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     template = _template_str(tokenizer.chat_template)
     if not template:
         raise PipelineError(f"{tok_dir} has no chat template: verify compares chat conversations.")
-    compared = rows[: cfg.verify.max_rows]
-    ids = [tokenizer.apply_chat_template(_full(r), tokenize=True, return_dict=False) for r in compared]
-    model, mlx_tokenizer, _ = load_model(paths.fused, "float32")
-    return Reference(tokenizer, template, model, mlx_tokenizer, compared, rows[: cfg.verify.max_samples], ids)
+    convs = agreement.conversations(tokenizer, rows[: cfg.verify.max_rows])  # the trained model's context rule
+    return Reference(which, label, tokenizer, template, model, mlx_tokenizer, rows[: cfg.verify.max_rows], convs,
+                     rows[: cfg.verify.max_samples])
 
 
-def _measure(path: Path, ref: Reference, cfg) -> tuple[dict, list[str]]:
-    """Load one GGUF in llama.cpp and measure it. Problems are returned, not raised, so that every
-    file gets reported."""
-    row = {"file": path.name, "type": "?", "size_bytes": path.stat().st_size, "kl": None,
-           "top1_percent": None, "perplexity": None}
+def _mlx_row(ref: Reference, paths: RunPaths, cfg) -> dict:
+    if ref.name == gguf_kinds.TRAINED:
+        size = _dir_size(paths.train_base) + _dir_size(paths.adapters)
+        row = {"file": ref.label, "key": "MLX+ADAPTER", "type": _mlx_type(paths.train_base) + " + LoRA",
+               "path": "training base + adapter (reference of the base + LoRA pairs)"}
+    else:
+        size = _dir_size(paths.fused)
+        row = {"file": ref.label, "key": "MLX", "type": _mlx_type(paths.fused), "path": "MLX fused (reference)"}
+    row.update(size_bytes=size, kl=None, top1_percent=None,
+               perplexity=agreement.perplexity(ref.scorer, ref.convs, "all"))
+    if ref.answered:
+        prompts = [prompt_and_answer(r)[0] for r in ref.answered]
+        row["metric"] = _score(agreement.mlx_answers(ref.model, ref.mlx_tokenizer, prompts, cfg.eval.max_tokens), ref)
+    return row
+
+
+def _measure(export: Export, ref: Reference, cfg, fused_manifest: dict) -> tuple[dict, list[str]]:
+    """Load one GGUF (with its LoRA GGUF) in llama.cpp and measure it against its reference.
+    Problems are returned, not raised, so that every file gets reported."""
+    files = [export.path] + ([export.lora] if export.lora else [])
+    row = {"file": export.name, "key": export.key, "type": "?", "size_bytes": sum(f.stat().st_size for f in files),
+           "path": export.kind.made_by(fused_manifest) if export.kind else "not written by 09 gguf",
+           "kind": export.kind.name if export.kind else None, "kl": None, "top1_percent": None, "perplexity": None}
     try:
-        llm = load_gguf(path, max(len(ids) for ids in ref.ids) + cfg.eval.max_tokens + 16, cfg.seed)
+        llm = llamacpp.open_gguf(export.path, ref.n_ctx + cfg.eval.max_tokens, cfg.seed, lora=export.lora)
     except PipelineError as e:
         return row, [str(e)]
-    meta = gguf_metadata(llm)
-    row["type"] = meta["type"] + (" (native)" if path.name.endswith("-native.gguf") else "")
+    meta = agreement.gguf_metadata(llm)
+    row["type"] = meta["type"] + (" + LoRA" if export.lora else "")
     problems: list[str] = []
     try:
         with llamacpp.captured_log():
             problems += _check_tokenizer(llm, meta, ref, row)
-            problems += _compare_logits(llm, ref, row)
-            if row["kl"] is not None and row["type"] in UNQUANTIZED and row["kl"] > cfg.verify.f16_max_kl:
-                problems.append(f"{row['type']} KL divergence {row['kl']:.3g} to the MLX model exceeds "
+            row.update(agreement.compare(ref.scorer, agreement.gguf_scorer(llm), ref.convs, "all"))
+            click.echo(f"  KL {row['kl']:.3g}, top-1 {row['top1_percent']:.1f} %, perplexity {row['perplexity']:.3f}")
+            if row["kl"] > cfg.verify.f16_max_kl and export.kind and export.kind.unquantized:
+                problems.append(f"{row['type']} KL divergence {row['kl']:.3g} to the {ref.label} model exceeds "
                                 f"verify.f16_max_kl = {cfg.verify.f16_max_kl:g}: the export changed the model.")
             if ref.answered and meta["chat_template"]:
-                answers = [_greedy(llm, render_chat(meta["chat_template"], prompt_and_answer(r)[0],
-                                                    meta["special_tokens"], True), cfg.eval.max_tokens)
-                           for r in ref.answered]
+                answers = agreement.gguf_answers(llm, meta, [prompt_and_answer(r)[0] for r in ref.answered],
+                                                 cfg.eval.max_tokens)
                 row["metric"] = _score(answers, ref)
-    except PipelineError as e:  # a template that does not render
+    except PipelineError as e:  # a template that does not render, logits of another vocabulary
         problems.append(str(e))
     finally:
         llm.close()
+    if export.lora and row["kl"] is not None:
+        problems += _check_lora_carries(export, ref, cfg, row)
     return row, problems
+
+
+def _check_lora_carries(export: Export, ref: Reference, cfg, row: dict) -> list[str]:
+    """The pair must be much closer to the trained model than its base GGUF alone: a LoRA GGUF of
+    another adapter (or none of this one's change) would leave it where the base is."""
+    llm = llamacpp.open_gguf(export.path, ref.n_ctx, cfg.seed)
+    try:
+        with llamacpp.captured_log():
+            alone = agreement.compare(ref.scorer, agreement.gguf_scorer(llm), ref.convs, "all")["kl"]
+    finally:
+        llm.close()
+    row["kl_base_alone"] = alone
+    click.echo(f"  base alone: KL {alone:.3g} (the LoRA GGUF closes {1 - row['kl'] / alone:.1%} of it)"
+               if alone > 0 else "  base alone: KL 0")
+    if alone > 0 and row["kl"] > MAX_KL_RATIO * alone:
+        return [f"with {export.lora.name} its KL {row['kl']:.3g} to the trained model is {row['kl'] / alone:.0%} of "
+                f"the base GGUF's alone ({alone:.3g}): the LoRA GGUF does not carry this run's adapter. Run "
+                "`make gguf` (or `mlx-pipeline gguf`) again to re-export it."]
+    return []
 
 
 def _check_tokenizer(llm, meta: dict, ref: Reference, row: dict) -> list[str]:
@@ -202,7 +284,7 @@ def _check_tokenizer(llm, meta: dict, ref: Reference, row: dict) -> list[str]:
                         f"({_first_difference(template, ref.template)}).")
     mismatch = None
     for i, r in enumerate(ref.compared if template else []):
-        text = render_chat(template, _full(r), meta["special_tokens"])
+        text = render_chat(template, agreement.full_conversation(r), meta["special_tokens"])
         mine = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         theirs = ref.tokenizer.encode(text, add_special_tokens=False)
         if mine != theirs:
@@ -214,118 +296,8 @@ def _check_tokenizer(llm, meta: dict, ref: Reference, row: dict) -> list[str]:
     return problems
 
 
-def _compare_logits(llm, ref: Reference, row: dict) -> list[str]:
-    """Mean KL(MLX || GGUF) over every position of the reference token sequences, top-1 agreement
-    and the GGUF's perplexity on the same tokens."""
-    kls, agree, scored = [], [], []
-    for ids in ref.ids:
-        p, q = ref.logprobs(ids), _log_softmax(_gguf_logits(llm, ids))
-        if p.shape != q.shape:
-            return [f"its logits have {q.shape[-1]} entries per token, the MLX model's {p.shape[-1]}."]
-        kls.append(np.sum(np.exp(p) * (p - q), axis=-1))
-        agree.append(p.argmax(-1) == q.argmax(-1))
-        scored.append((q, ids))
-    row["kl"] = float(np.concatenate(kls).mean())
-    row["top1_percent"] = round(100.0 * float(np.concatenate(agree).mean()), 2)
-    row["perplexity"] = _perplexity(scored)
-    click.echo(f"  KL {row['kl']:.3g}, top-1 {row['top1_percent']:.1f} %, perplexity {row['perplexity']:.3f}")
-    return []
-
-
 def _score(answers: list[str], ref: Reference) -> dict:
     return score_answers(answers, [prompt_and_answer(r)[1] for r in ref.answered])
-
-
-def gguf_metadata(llm) -> dict:
-    """Type, chat template and special-token strings, as llama.cpp read them from the GGUF."""
-    import llama_cpp
-    from gguf import LlamaFileType
-
-    meta = llm.metadata
-    try:
-        type_name = LlamaFileType(int(meta.get("general.file_type", -1))).name
-        type_name = type_name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        type_name = meta.get("general.file_type", "?")
-    vocab = llm._model.vocab
-    special = {}
-    for name, fn in (("bos_token", llama_cpp.llama_vocab_bos), ("eos_token", llama_cpp.llama_vocab_eos),
-                     ("pad_token", llama_cpp.llama_vocab_pad)):
-        if (idx := fn(vocab)) >= 0:
-            special[name] = llm._model.token_get_text(idx)
-    return {"type": type_name, "chat_template": meta.get("tokenizer.chat_template"), "special_tokens": special}
-
-
-def load_gguf(path: Path, n_ctx: int, seed: int):
-    """llama.cpp's runtime on a GGUF, every position's logits kept; a failure names the file's problem."""
-    import llama_cpp
-
-    try:  # every count and offset checked before llama.cpp's reader sees the file
-        check_gguf(path)
-    except PipelineError as e:
-        raise PipelineError(f"is not a valid GGUF, not loaded: {e}") from None
-    with llamacpp.captured_log() as log:
-        try:
-            return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, seed=seed)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise PipelineError(f"does not load in llama.cpp ({e}):\n{llamacpp.log_tail(log, 6)}") from None
-
-
-
-def _greedy(llm, prompt: str, max_tokens: int) -> str:
-    """Greedy answer from llama.cpp: argmax of its own logits, stopping at an end-of-generation token."""
-    import llama_cpp
-
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    llm.reset()
-    llm.eval(ids)
-    out: list[int] = []
-    for _ in range(max_tokens):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or llm.n_tokens >= llm.n_ctx():
-            break
-        out.append(tok)
-        llm.eval([tok])
-    return llm.detokenize(out).decode("utf-8", "replace").strip()
-
-
-def _gguf_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def _mlx_logits(model, ids: list[int]) -> np.ndarray:
-    import mlx.core as mx
-
-    logits = model(mx.array([ids]))[0].astype(mx.float32)
-    return np.array(logits)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _perplexity(scored: list[tuple[np.ndarray, list[int]]]) -> float:
-    """exp(mean next-token negative log-likelihood) of each sequence's own tokens."""
-    nll = np.concatenate([-logp[np.arange(len(ids) - 1), ids[1:]] for logp, ids in scored])
-    return round(float(math.exp(min(nll.mean(), 50))), 4)
-
-
-def _chat_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise MissingInputError(f"{path} not found. Run `make data` (or `mlx-pipeline data`) first.")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "messages" in r or "prompt" in r]
-    if not rows:
-        raise DataError(f"{path} has no chat or completions rows: verify compares chat conversations.")
-    return rows
-
-
-def _full(row: dict) -> list[dict]:
-    messages, answer = prompt_and_answer(row)
-    return messages + [{"role": "assistant", "content": answer}]
 
 
 def _template_str(t) -> str | None:
@@ -381,27 +353,13 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def export_path(file: str, fused_manifest: dict) -> str:
-    """How a verified file was made from the trained adapter, for the side-by-side table."""
-    if file.endswith("(MLX)"):
-        return "MLX fused (reference)"
-    if " + " in file:
-        return "LoRA GGUF on the de-quantized training base"
-    if file.endswith("-native.gguf"):
-        return "fuse --no-dequantize, MLX blocks transcoded (no 2nd quantization)"
-    dequantized = fused_manifest.get("dequantized")
-    fuse = ("fuse --rebase" if fused_manifest.get("rebased") else "fuse --de-quantize" if dequantized
-            else "fuse --no-dequantize" if dequantized is False else "fused/")
-    return fuse + (" + imatrix" if file.endswith("-imatrix.gguf") else "")
-
-
 def imatrix_notes(rows: list[dict], primary: str | None) -> list[str]:
     """What the importance matrix changed: each <TYPE>-imatrix file against the plain <TYPE> one."""
-    by_file = {r["file"]: r for r in rows}
+    by_key = {r.get("key"): r for r in rows}
     notes = []
     for r in rows:
-        plain = by_file.get(r["file"].replace("-imatrix.gguf", ".gguf"))
-        if not r["file"].endswith("-imatrix.gguf") or not plain or r["kl"] is None or plain["kl"] is None:
+        plain = by_key.get(r.get("key", "").removesuffix("-IMATRIX"))
+        if r.get("kind") != gguf_kinds.IMATRIX.name or not plain or r["kl"] is None or plain["kl"] is None:
             continue
         change = (r["kl"] - plain["kl"]) / plain["kl"] * 100 if plain["kl"] else 0.0
         note = (f"imatrix: {plain['file']} KL {plain['kl']:.3g} -> {r['kl']:.3g} with the importance matrix "
@@ -418,10 +376,11 @@ def native_notes(gguf_manifest: dict) -> list[str]:
     native = gguf_manifest.get("native")
     if not native or not native.get("source"):
         return []
-    from ..survival import MAX_KL_RATIO
-
     source = Path(native["source"])
-    name = next((f["file"] for t, f in gguf_manifest["outputs"]["files"].items() if t.endswith("-native")), "native")
+    if native.get("skipped"):
+        return [f"native: no GGUF of {source.name}/ was exported (gguf.native): {native['skipped']}"]
+    name = next((f["file"] for f in gguf_manifest["outputs"]["files"].values()
+                 if f.get("kind") == gguf_kinds.NATIVE_FUSE.name), "native")
     note = (f"native: {name} holds the MLX weights of {source.name}/ (max |GGUF - MLX| "
             f"{native['max_abs_diff']:.2g}); its KL above is that --no-dequantize fuse's distance to the trained model")
     if (source / MANIFEST).is_file():
@@ -434,7 +393,8 @@ def native_notes(gguf_manifest: dict) -> list[str]:
 
 
 def format_table(rows: list[dict], primary: str | None) -> str:
-    head = "| file | made by | type | size | KL(MLX‖GGUF) | top-1 % | perplexity |" + (f" {primary} % |" if primary else "")
+    head = "| file | made by | type | size | KL(MLX‖GGUF) | top-1 % | perplexity |" + (f" {primary} % |" if primary
+                                                                                       else "")
     lines = [head, "|---|---|---|---|---|---|---|" + ("---|" if primary else "")]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in rows:

@@ -1,0 +1,256 @@
+"""How closely one model agrees with another on the same conversations: the one measurement that
+10 verify, the LoRA GGUF pair and fusion survival share.
+
+- Conversations come from a split's chat rows (`read_rows`), each tokenized by the reference
+  model's tokenizer through its chat template (`conversations`): the whole conversation, plus where
+  its answer starts (the context rule: the answer's tokens are those after the prompt rendered with
+  the generation prompt, when the full conversation starts with it; else every token).
+- A scorer maps a conversation to log-probabilities (float64, `log_softmax`) at the positions of a
+  span: "all" (every position) or "answer" (the positions that predict the answer's tokens). MLX
+  models (`mlx_scorer`) and llama.cpp models (`gguf_scorer`) are scored the same way.
+- `compare(reference, candidate, convs, span)` is the one definition of the distance: mean over
+  positions of KL(reference || candidate), top-1 agreement, and the candidate's perplexity of the
+  conversation's own next tokens.
+- Greedy answers for the task metric: `mlx_answers` (batched mlx-lm generation) and `gguf_answers`
+  (argmax of llama.cpp's logits, rendered with the GGUF's own chat template).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data.formats import prompt_and_answer
+from .errors import DataError, MissingInputError, PipelineError
+
+SPANS = ("all", "answer")
+GEN_BATCH = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Conversations
+
+
+def read_rows(path: Path, n: int | None = None, required: bool = True) -> list[dict]:
+    """The chat / completions rows of a JSONL split (the first `n`). `required`: a missing file or
+    one without such rows is an error naming the fix; otherwise it gives []."""
+    path = Path(path)
+    if not path.is_file():
+        if not required:
+            return []
+        raise MissingInputError(f"{path} not found. Run `make data` (or `mlx-pipeline data`) first.")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    rows = [r for r in rows if "messages" in r or "prompt" in r]
+    if not rows and required:
+        raise DataError(f"{path} has no chat or completions rows: models are compared on chat conversations.")
+    return rows[:n] if n is not None else rows
+
+
+def full_conversation(row: dict) -> list[dict]:
+    messages, answer = prompt_and_answer(row)
+    return messages + [{"role": "assistant", "content": answer}]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    ids: list[int]  # the whole conversation through the chat template
+    answer_start: int  # first position whose next token belongs to the answer
+
+    def positions(self, span: str) -> slice:
+        if span == "all":
+            return slice(0, len(self.ids))
+        if span == "answer":
+            return slice(self.answer_start, len(self.ids) - 1)
+        raise PipelineError(f"span must be one of {', '.join(SPANS)}, not {span!r}.")
+
+    def targets(self, span: str) -> np.ndarray:
+        """The next token of each position of the span that has one."""
+        s = self.positions(span)
+        return np.asarray(self.ids[s.start + 1: min(s.stop, len(self.ids) - 1) + 1])
+
+
+def conversations(tokenizer, rows: list[dict]) -> list[Conversation]:
+    out = []
+    for r in rows:
+        messages, _ = prompt_and_answer(r)
+        full = list(tokenizer.apply_chat_template(full_conversation(r), tokenize=True, return_dict=False))
+        prompt = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                    add_generation_prompt=True))
+        start = max(len(prompt) - 1, 0) if full[: len(prompt)] == prompt else 0
+        out.append(Conversation(full, start))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities
+
+Scorer = Callable[[Conversation, str], np.ndarray]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def mlx_scorer(model) -> Scorer:
+    """An MLX model's log-probabilities (float32 logits of the whole conversation, one forward)."""
+    import mlx.core as mx
+
+    def score(conv: Conversation, span: str) -> np.ndarray:
+        logits = model(mx.array([conv.ids]))[0, conv.positions(span)].astype(mx.float32)
+        return log_softmax(np.array(logits))
+
+    return score
+
+
+def gguf_scorer(llm) -> Scorer:
+    """A llama.cpp model's log-probabilities (opened with logits_all)."""
+
+    def score(conv: Conversation, span: str) -> np.ndarray:
+        llm.reset()
+        llm.eval(conv.ids)
+        return log_softmax(np.array(llm.scores[: len(conv.ids)], dtype=np.float32)[conv.positions(span)])
+
+    return score
+
+
+def cached(scorer: Scorer, convs: Sequence[Conversation], span: str) -> Scorer:
+    """A scorer computed once per conversation (for a reference compared with several candidates;
+    spans x vocabulary floats each, so keep the conversations few or the span short)."""
+    memo = {id(c): scorer(c, span) for c in convs}
+    return lambda conv, s: memo[id(conv)] if s == span else scorer(conv, s)
+
+
+# --------------------------------------------------------------------------------------------
+# The comparison
+
+
+def compare(reference: Scorer, candidate: Scorer, convs: Sequence[Conversation], span: str = "all") -> dict:
+    """KL(reference || candidate) per position averaged over the span's positions of every
+    conversation, top-1 agreement (%), and the candidate's perplexity on the conversations' tokens."""
+    kls, agree, nll = [], [], []
+    for conv in convs:
+        p, q = reference(conv, span), candidate(conv, span)
+        if p.shape != q.shape:
+            raise PipelineError(f"its logits have {q.shape[-1]} entries per token, the reference's {p.shape[-1]}.")
+        kls.append(np.sum(np.exp(p) * (p - q), axis=-1))
+        agree.append(p.argmax(-1) == q.argmax(-1))
+        nll.append(_nll(q, conv, span))
+    if not kls or not sum(len(k) for k in kls):
+        raise PipelineError(f"nothing to compare: no conversation has {span!r} positions.")
+    return {"kl": float(np.concatenate(kls).mean()),
+            "top1_percent": round(100.0 * float(np.concatenate(agree).mean()), 2),
+            "perplexity": _perplexity(nll), "positions": int(sum(len(k) for k in kls))}
+
+
+def perplexity(scorer: Scorer, convs: Sequence[Conversation], span: str = "all") -> float:
+    """exp(mean negative log-likelihood) of the conversations' own next tokens."""
+    return _perplexity([_nll(scorer(c, span), c, span) for c in convs])
+
+
+def _nll(logp: np.ndarray, conv: Conversation, span: str) -> np.ndarray:
+    targets = conv.targets(span)
+    return -logp[np.arange(len(targets)), targets]
+
+
+def _perplexity(nll: list[np.ndarray]) -> float:
+    return round(float(math.exp(min(np.concatenate(nll).mean(), 50))), 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy answers
+
+
+def mlx_answers(model, tokenizer, prompts: list[list[dict]], max_tokens: int) -> list[str]:
+    """Greedy answers of an MLX model to chat prompts, batched."""
+    from mlx_lm.generate import batch_generate
+    from tqdm import tqdm
+
+    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in prompts]
+    answers: list[str] = []
+    with tqdm(total=len(encoded), desc="generate", unit="answer", dynamic_ncols=True) as bar:
+        for i in range(0, len(encoded), GEN_BATCH):
+            chunk = encoded[i: i + GEN_BATCH]
+            answers += [t.strip() for t in batch_generate(model, tokenizer, chunk, max_tokens=max_tokens).texts]
+            bar.update(len(chunk))
+    return answers
+
+
+def gguf_answers(llm, meta: dict, prompts: list[list[dict]], max_tokens: int) -> list[str]:
+    """Greedy answers of a llama.cpp model, each prompt rendered with the GGUF's own chat template
+    (`meta` from gguf_metadata)."""
+    from .untrusted.chat_template import render_chat
+
+    if not meta.get("chat_template"):
+        raise PipelineError("it has no chat template (tokenizer.chat_template): it cannot answer chat prompts.")
+    return [gguf_greedy(llm, render_chat(meta["chat_template"], m, meta["special_tokens"], True), max_tokens)
+            for m in prompts]
+
+
+def gguf_greedy(llm, prompt: str, max_tokens: int) -> str:
+    """Argmax of llama.cpp's own logits, stopping at an end-of-generation token or a full context."""
+    import llama_cpp
+
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    for _ in range(max_tokens):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or llm.n_tokens >= llm.n_ctx():
+            break
+        out.append(tok)
+        llm.eval([tok])
+    return llm.detokenize(out).decode("utf-8", "replace").strip()
+
+
+def gguf_metadata(llm) -> dict:
+    """Type, chat template and special-token strings, as llama.cpp read them from the GGUF."""
+    import llama_cpp
+    from gguf import LlamaFileType
+
+    meta = llm.metadata
+    try:
+        type_name = LlamaFileType(int(meta.get("general.file_type", -1))).name
+        type_name = type_name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        type_name = meta.get("general.file_type", "?")
+    vocab = llm._model.vocab
+    special = {}
+    for name, fn in (("bos_token", llama_cpp.llama_vocab_bos), ("eos_token", llama_cpp.llama_vocab_eos),
+                     ("pad_token", llama_cpp.llama_vocab_pad)):
+        if (idx := fn(vocab)) >= 0:
+            special[name] = llm._model.token_get_text(idx)
+    return {"type": type_name, "chat_template": meta.get("tokenizer.chat_template"), "special_tokens": special}
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def load_trained(train_base: Path, adapters: Path):
+    """What training optimised: the training base with the adapter loaded, float32 (on CPU its
+    quantized layers run dequantized, which is exact). Returns (model, tokenizer)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import load_adapters
+
+    from .modeling import load_model
+
+    model, tokenizer, _ = load_model(Path(train_base), "float32")
+    load_adapters(model, str(adapters))
+    model.eval()
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def context_length(convs: Sequence[Conversation], prompts_ids: Sequence[Sequence[int]] = (),
+                   max_tokens: int = 0) -> int:
+    """A llama.cpp context that holds every compared conversation and every prompt plus its answer."""
+    longest = max([len(c.ids) for c in convs] + [len(p) + max_tokens for p in prompts_ids] + [1])
+    return longest + max_tokens + 16
