@@ -109,7 +109,7 @@ from pipeline.fsio import atomic_path
 rng = np.random.default_rng(args["version"])
 tensors = {f"blk.{i}.weight": rng.standard_normal((256, 1024), dtype=np.float32) for i in range(args["n"])}
 go()
-with atomic_path(args["final"], suffix=".gguf") as tmp:  # as 09 writes each GGUF
+with atomic_path(args["final"]) as tmp:  # as 09 writes each GGUF
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_uint32("test.version", args["version"])
     for k, v in tensors.items():
