@@ -320,8 +320,11 @@ _ABORT_LINE = re.compile(r"^\S+\.(?:c|cc|cpp|h|cu|m):\d+: (.+)$", re.M)  # ggml_
 
 
 def child_env() -> dict:
-    """Our environment, with ggml's gdb backtrace off (GGML_NO_BACKTRACE, read by ggml_abort)."""
-    return dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1")
+    """Our environment, with ggml's gdb backtrace off (GGML_NO_BACKTRACE, read by ggml_abort) and
+    this package importable (`python -m pipeline.llamacpp` from a script run outside the project)."""
+    here = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
 
 
 def run_child(cmd: list[str], operation: str, timeout: float | None = None) -> str:
