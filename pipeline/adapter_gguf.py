@@ -14,8 +14,9 @@ corrections relative to those 4-bit weights. llama.cpp adds the adapter to whate
 is given, so the base that reproduces MLX base + adapter is the quantized training base,
 dequantized exactly (w = scale * q + bias in float32) and written as F16:
 `<run>-adapter-base-F16.gguf`. (With quantize.enabled false the training base is the HF base
-itself.) The original HF base in F16 is the other candidate; the test and the measurement in
-the fidelity issue compare both.
+itself.) Phase 09 also transcodes the quantized training base's own blocks (4-bit -> Q4_1) into
+`<run>-Q4_1-native-base.gguf` (`native_base_path`), with the F16 file as template: the same
+weights at ~4.5 bits per weight, so that pair is the trained QLoRA model at ~0.6x Q8_0's size.
 
 Only dense LoRA adapters: DoRA (a magnitude vector llama.cpp cannot represent), full fine-tuning
 (no adapter) and mixture-of-experts adapters (3-D lora tensors) fail with a PipelineError.
@@ -209,8 +210,9 @@ def write_paired_base(cfg, out: Path, pair_with: str = "train_base") -> dict:
 
 
 def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
-    """Write gguf/<run>-adapter-LoRA-F16.gguf and the base GGUF it pairs with (gguf/<run>-adapter-base-F16.gguf,
-    made only when missing or made from another base). Returns paths and stats (also in gguf/<run>-adapter-gguf.json)."""
+    """Write gguf/<run>-adapter-LoRA-F16.gguf and the base GGUF it pairs with
+    (gguf/<run>-adapter-base-F16.gguf, made only when missing or made from another base).
+    Returns paths and stats (also in gguf/<run>-adapter-gguf.json)."""
     import tempfile
 
     if pair_with not in ("train_base", "hf_base"):
@@ -251,7 +253,8 @@ def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
     result = {
         "adapter_gguf": str(out), "base_gguf": str(base_out), "adapter_size_bytes": out.stat().st_size,
         "adapter_sha256": sha256_file(out), "adapter_seconds": adapter_seconds,
-        "adapter_source": str(paths.adapters), "adapter_source_sha256": sha256_file(paths.adapters / "adapters.safetensors"),
+        "adapter_source": str(paths.adapters),
+        "adapter_source_sha256": sha256_file(paths.adapters / "adapters.safetensors"),
         **stats, "base": base_info,
         "usage": {"llama.cpp": f"llama-cli -m {base_out.name} --lora {out.name}",
                   "llama_cpp_python": f"Llama(model_path='{base_out.name}', lora_path='{out.name}')",

@@ -1,8 +1,8 @@
 """Which verified export a user should load: read from 10 verify's report, never guessed.
 
 Default: the smallest file whose task metric is within `max_metric_drop` points of the MLX
-model's and whose KL to it is at most `max_kl` (sizes within 1 % count as equal: the lower KL wins). `type_name` or `file`
-overrides the choice; a file that failed verify is refused unless `force`. Used by 11 install
+model's and whose KL to it is at most `max_kl` (sizes within 1 % count as equal: the lower KL
+wins). `type_name` or `file` overrides the choice; a file that failed verify is refused unless `force`. Used by 11 install
 and by `serve`.
 """
 
@@ -132,7 +132,8 @@ def _best(rows: list[dict], reference: dict, primary: str | None, max_drop: floa
     # Files within SAME_SIZE of the smallest count as one size (an imatrix file carries a few hundred
     # bytes of metadata more than the plain one): among them the lowest KL wins.
     smallest = min(r["size_bytes"] for r in ok)
-    row = min((r for r in ok if r["size_bytes"] <= smallest * (1 + SAME_SIZE)), key=lambda r: (r["kl"], r["size_bytes"]))
+    row = min((r for r in ok if r["size_bytes"] <= smallest * (1 + SAME_SIZE)),
+              key=lambda r: (r["kl"], r["size_bytes"]))
     metric = (row.get("metric") or {}).get(primary) if primary else None
     reason = (f"smallest verified export within {max_drop:g} points of the MLX model's {primary} and KL <= {max_kl:g}: "
               f"{type_key(row)}, {row['size_bytes'] / 1e6:.1f} MB, KL {_fmt(row['kl'])}"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from export_fixtures import copy_run, make_cfg
+
 from pipeline.errors import PipelineError
 
 
@@ -66,9 +66,10 @@ def test_refuses_tied_lm_head(tmp_path):
 
     d = tmp_path / "adapters"
     d.mkdir()
-    mx.save_safetensors(str(d / "adapters.safetensors"), {"lm_head.lora_a": mx.zeros((16, 4)), "lm_head.lora_b": mx.zeros((4, 32))})
-    (d / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 1,
-                                                       "lora_parameters": {"rank": 4, "scale": 2.0, "keys": ["lm_head"]}}))
+    mx.save_safetensors(str(d / "adapters.safetensors"),
+                        {"lm_head.lora_a": mx.zeros((16, 4)), "lm_head.lora_b": mx.zeros((4, 32))})
+    (d / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 2.0, "keys": ["lm_head"]}}))
     with pytest.raises(PipelineError, match="ties it"):
         mlx_to_peft(d, tmp_path / "peft", {"tie_word_embeddings": True})
 
@@ -197,3 +198,18 @@ def test_verify_names_the_pair_when_the_lora_is_swapped(verified_pairs, tmp_path
         assert f"{base} + t-adapter-LoRA-F16.gguf: " in message, message
     assert "the LoRA GGUF does not carry this run's adapter" in message
     assert "t-Q8_0.gguf" not in message  # the fused model's files are still right
+
+
+@pytest.mark.slow
+def test_native_pair_on_a_trained_smollm2(shipped_run):
+    """The issue's targets on the real SmolLM2-135M QLoRA run: the native Q4_1 training base + LoRA
+    GGUF is at least as close to the trained model as Q8_0 of the fused one, answers as the MLX
+    adapter does, and takes at most 0.65x Q8_0's bytes."""
+    pair, q8 = shipped_run.row("Q4_1-NATIVE-BASE+LORA"), shipped_run.row("Q8_0")
+    trained = next(r for r in shipped_run.report["models"] if r.get("key") == "MLX+ADAPTER")
+    primary = shipped_run.report["primary_metric"]
+    print({k: (r["kl"], r["size_bytes"], r["metric"][primary]) for k, r in
+           (("pair", pair), ("Q8_0", q8), ("MLX adapter", trained))})
+    assert pair["kl"] <= q8["kl"]
+    assert pair["metric"][primary] == trained["metric"][primary]
+    assert pair["size_bytes"] <= 0.65 * q8["size_bytes"]

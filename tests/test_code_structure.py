@@ -66,7 +66,8 @@ def test_no_module_imports_private_names():
     bad = []
     for name, path in known.items():
         for target, names, line in imports(path, name):
-            private = [n for n in names if n.startswith("_") and not n.startswith("__") and f"{target}.{n}" not in known]
+            private = [n for n in names
+                       if n.startswith("_") and not n.startswith("__") and f"{target}.{n}" not in known]
             bad += [f"{name}:{line} imports {target}.{n}" for n in private]
     assert not bad, "a module's _private names are its own:\n" + "\n".join(bad)
 

@@ -43,7 +43,8 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
     read_manifest(paths.adapters, "train")
     rows = _read_rows(paths.data / "test.jsonl")
     if not rows:
-        raise DataError(f"{paths.data / 'test.jsonl'} is empty: set data.test_fraction > 0 or add test.jsonl, then `make data`.")
+        raise DataError(f"{paths.data / 'test.jsonl'} is empty: set data.test_fraction > 0 or add test.jsonl, "
+                        "then `make data`.")
 
     model, tokenizer, _ = load_model(paths.train_base, cfg.train.compute_dtype)
     scored = [r for r in rows if "text" not in r][: cfg.eval.max_samples]
@@ -62,7 +63,8 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
         delta = round(results["adapter"]["metric"][primary] - results["base"]["metric"][primary], 1)
     samples = _samples(scored, results, cfg.eval.show_samples)
     report = {"test_rows": len(rows), "scored_rows": len(scored), "primary_metric": primary,
-              "delta_points": delta, **{k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()},
+              "delta_points": delta,
+              **{k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()},
               "samples": samples}
     out = paths.eval
     write_json(out / "results.json", report)

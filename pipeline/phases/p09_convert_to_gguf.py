@@ -6,8 +6,14 @@ Both come from the pinned llama-cpp-python release (pipeline/llamacpp.py). On mo
 are not a multiple of 256 wide (every tiny model, SmolLM2) K-quants fall back per tensor
 (Q4_K -> Q5_0, Q6_K -> Q8_0): llama.cpp's choice, kept.
 
+gguf.imatrix adds <TYPE>-imatrix files, gguf.native the --no-dequantize fuse transcoded
+(<Q4_1|Q5_1>-native, left out when that fuse lost the fine-tune), gguf.adapter_gguf the LoRA GGUF
+with the bases it applies to: the de-quantized training base as F16 and, for a QLoRA run, the
+training base's own MLX blocks (<Q4_1|Q5_1>-native-base): with the LoRA GGUF, the trained model.
+
 Input: models/<run>/hf/ (phase 08, run here first when only fused/ exists).
-Output: models/<run>/gguf/<run>-<TYPE>.gguf, and manifest.json with the size table.
+Output: models/<run>/gguf/<run>-*.gguf, and manifest.json listing each file with its kind
+(pipeline/gguf_kinds.py: what it is made from and what 10 verify compares it with).
 """
 
 from __future__ import annotations
@@ -173,7 +179,8 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     manifest_name = f"{prefix.name}.manifest.json"
     _check_given_files(prefix.parent / manifest_name, [f for t, f in files.items() if t in types])
-    ensure_free_space(prefix.parent, gguf_size_estimate(source, [outtype, *types]), f"the GGUF files ({', '.join(types)})")
+    ensure_free_space(prefix.parent, gguf_size_estimate(source, [outtype, *types]),
+                      f"the GGUF files ({', '.join(types)})")
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=f".{prefix.name}-work-") as work:
         hf = source
