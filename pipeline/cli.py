@@ -63,7 +63,8 @@ COMMANDS = {
         "pipeline.phases.p07_fuse_lora:fuse",
         ["fuse"],
         ["quantize.enabled", "fuse.dequantize", "fuse.dtype", "fuse.rebase", "fuse.strict"],
-        "07 Fuse the adapter into the base: --no-dequantize (default) keeps it quantized, --de-quantize writes full precision.",
+        "07 Fuse the adapter into the base: --no-dequantize (default) keeps it quantized, --de-quantize writes full "
+        "precision.",
     ),
     "hf": (
         "pipeline.phases.p08_convert_to_hf:convert_to_hf",
@@ -89,7 +90,8 @@ COMMANDS = {
         ["install"],
         ["install.targets", "install.lmstudio_dir", "install.publisher", "install.model_name",
          "install.max_metric_drop", "install.max_kl", "serve.port"],
-        "11 Install the verified GGUF into LM Studio's models folder, write an Ollama Modelfile, print the llama.cpp commands.",
+        "11 Install the verified GGUF into LM Studio's models folder, write an Ollama Modelfile, print the llama.cpp "
+        "commands.",
     ),
     "serve": (
         "pipeline.serve:serve",
@@ -301,7 +303,8 @@ main.add_command(make_command("fuse", [
                  help="Path form: where to write the fused model (a new folder, or one an earlier fuse wrote)."),
 ], _fuse_kwargs))
 main.add_command(make_command("hf", [
-    click.option("--mlx-model", default=None, type=_dir, help="Path form: an MLX model folder (07 fuse, `mlx_lm fuse`)."),
+    click.option("--mlx-model", default=None, type=_dir,
+                 help="Path form: an MLX model folder (07 fuse, `mlx_lm fuse`)."),
     click.option("--output-dir", "output_dir", default=None, type=_dir,
                  help="Path form: where to write the Hugging Face folder (a new folder, or one an earlier run wrote)."),
 ], _hf_kwargs))
@@ -321,9 +324,12 @@ _choice_options = [
 ]
 main.add_command(make_command("install", [
     *_choice_options,
-    click.option("--dry-run", is_flag=True, default=False, help="Say what would be placed and written; change nothing."),
-    click.option("--uninstall", is_flag=True, default=False, help="Remove what the last install of this run placed."),
-    click.option("--lms", is_flag=True, default=False, help="Also run `lms load` (LM Studio's CLI) when lms is on PATH."),
+    click.option("--dry-run", is_flag=True, default=False,
+                 help="Say what would be placed and written; change nothing."),
+    click.option("--uninstall", is_flag=True, default=False,
+                 help="Remove what the last install of this run placed."),
+    click.option("--lms", is_flag=True, default=False,
+                 help="Also run `lms load` (LM Studio's CLI) when lms is on PATH."),
 ], lambda kw, cfg: dict(kw)))
 main.add_command(make_command("serve", [
     *_choice_options,

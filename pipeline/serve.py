@@ -251,7 +251,8 @@ def training_system_prompt(data_dir: Path) -> str | None:
                 first = messages[0]
             except (ValueError, AttributeError, TypeError, IndexError, KeyError):
                 return None
-            if not isinstance(first, dict) or first.get("role") != "system" or not isinstance(first.get("content"), str):
+            if (not isinstance(first, dict) or first.get("role") != "system"
+                    or not isinstance(first.get("content"), str)):
                 return None
             if prompt is not None and first["content"] != prompt:
                 return None

@@ -79,7 +79,8 @@ def test_cli_quantization_alone_replaces_stale_outputs(tmp_path, tmp_path_factor
 
 def test_quantizations_from_environment_and_flags(fresh_env):
     assert load_config(None, {}, env={"QUANTS": "Q4_K_M Q8_0"}).gguf.quantizations == ["Q4_K_M", "Q8_0"]
-    assert load_config(None, {"gguf.quantizations": "Q5_K_M,Q8_0"}, env=fresh_env).gguf.quantizations == ["Q5_K_M", "Q8_0"]
+    cfg = load_config(None, {"gguf.quantizations": "Q5_K_M,Q8_0"}, env=fresh_env)
+    assert cfg.gguf.quantizations == ["Q5_K_M", "Q8_0"]
     with pytest.raises(PipelineError, match="Q4_K_X not allowed; choose from: F16, BF16, Q8_0"):
         load_config(None, {"gguf.quantizations": "Q4_K_X"}, env=fresh_env)
     assert {llamacpp.ftype(t) for t in ("Q4_K_M", "Q5_K_M", "Q8_0")} == {15, 17, 7}
@@ -90,7 +91,7 @@ def test_fused_only_run_is_exported_to_hf_first(tmp_path, tiny_hf_model):
     cfg = make_run(tmp_path, tiny_hf_model("llama"), hf=False, **{"gguf.quantizations": ["Q8_0"]})
     result = convert_to_gguf(cfg)
     hf = tmp_path / "t" / "hf"
-    assert (hf / "manifest.json").is_file() and json.loads((hf / "manifest.json").read_text())["phase"] == "08_convert_to_hf"
+    assert json.loads((hf / "manifest.json").read_text())["phase"] == "08_convert_to_hf"
     assert list(result.files) == ["F16", "Q8_0"]
     assert llamacpp.n_params(result.files["Q8_0"]) == result.parameters > 0
 
@@ -115,9 +116,11 @@ def test_unsupported_model_type_fails_early_with_the_supported_list(tmp_path, ti
     # Known to the registry, but an architecture class llama.cpp's converter has none of.
     config_path.write_text(json.dumps({**config, "architectures": ["LlamaForSomethingElse"]}))
     rerecord(config_path.parent)
-    with pytest.raises(PipelineError, match=r"cannot convert architecture 'LlamaForSomethingElse'.*Supported model types: llama"):
+    with pytest.raises(PipelineError,
+                       match=r"cannot convert architecture 'LlamaForSomethingElse'.*Supported model types: llama"):
         convert_to_gguf(cfg)
-    assert {"LlamaForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM"} <= llamacpp.converter_architectures()
+    known = llamacpp.converter_architectures()
+    assert {"LlamaForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM"} <= known
 
 
 def test_damaged_weights_are_named_before_the_converter_runs_and_leave_no_file(tmp_path, tiny_hf_model):
@@ -134,7 +137,8 @@ def test_damaged_weights_are_named_before_the_converter_runs_and_leave_no_file(t
 def test_missing_toolchain_names_make_setup(tmp_path, monkeypatch, tiny_hf_model):
     cfg = make_run(tmp_path, tiny_hf_model("llama"))
     monkeypatch.setenv("MLX_PIPELINE_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(MissingInputError, match=r"converter is missing.*empty-cache.*Run `make setup` \(or `python -m pipeline.llamacpp fetch`\)"):
+    with pytest.raises(MissingInputError, match=r"converter is missing.*empty-cache.*Run `make setup` "
+                                                 r"\(or `python -m pipeline.llamacpp fetch`\)"):
         convert_to_gguf(cfg)
     monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path / "no-checkout"))
     with pytest.raises(MissingInputError, match=r"no-checkout \(LLAMA_CPP_DIR\). Run `make setup`"):
@@ -181,7 +185,8 @@ def test_converter_error_shows_its_output_and_leaves_no_file(tmp_path, tiny_hf_m
     tensors["model.layers.0.mystery.weight"] = np.zeros((4, 4), np.float32)  # valid file, unmappable name
     save_file(tensors, str(weights), metadata={"format": "pt"})
     rerecord(weights.parent)
-    with pytest.raises(PipelineError, match=r"(?s)llama.cpp's converter failed on .*hf \(exit 1\). Its last lines:\n.*mystery"):
+    with pytest.raises(PipelineError,
+                       match=r"(?s)llama.cpp's converter failed on .*hf \(exit 1\). Its last lines:\n.*mystery"):
         convert_to_gguf(cfg)
     out = tmp_path / "t" / "gguf"
     assert not list(out.glob("*.gguf")) and not list(out.glob(".*")) and not (out / "manifest.json").exists()

@@ -11,8 +11,8 @@ import json
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-
 from export_fixtures import copy_run, make_cfg, max_abs, mlx_logits, shrink_adapter
+
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.fsio import hash_model_dir
@@ -44,7 +44,8 @@ def test_rebase_is_dense_base_plus_adapter(export_runs):
     assert manifest["rebased"] is True and manifest["dequantized"] is True
     assert manifest["original_base_content_hash"] == base_hash
     assert manifest["inputs"]["base"] == {"path": str(run / "base"), "content_hash": base_hash}
-    assert manifest["inputs"]["trained_on"]["content_hash"] == _manifest(run / "base-quantized")["outputs"]["content_hash"]
+    trained_on = _manifest(run / "base-quantized")["outputs"]["content_hash"]
+    assert manifest["inputs"]["trained_on"]["content_hash"] == trained_on
     survival = manifest["survival"]
     assert survival["layers"]["mean_survival"] == pytest.approx(1, abs=1e-3)
     assert survival["layers"]["max_error"] < 1e-3
@@ -64,8 +65,8 @@ def test_rebase_refused_when_quantized_base_was_made_from_another_base(export_ru
     assert not (run / "fused").exists() and not list(run.glob(".fused*"))
 
     # And when base/ itself was replaced after quantization (its weights/config changed).
-    qm.write_text(json.dumps({**manifest, "inputs": {**manifest["inputs"],
-                                                     "base_content_hash": _manifest(run / "base")["outputs"]["content_hash"]}}))
+    base_hash = _manifest(run / "base")["outputs"]["content_hash"]
+    qm.write_text(json.dumps({**manifest, "inputs": {**manifest["inputs"], "base_content_hash": base_hash}}))
     config = json.loads((run / "base" / "config.json").read_text())
     (run / "base" / "config.json").write_text(json.dumps({**config, "rope_theta": 12345.0}))
     with pytest.raises(PipelineError, match="changed since"):  # edited behind its manifest
