@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_fixtures import make_run
+from gguf_fixtures import converted_run, make_run
 from pipeline import llamacpp
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_path
@@ -55,11 +55,11 @@ def with_experts_used(src: Path, dst: Path, used: int = 2) -> Path:
 
 @pytest.fixture(scope="session")
 def ggufs(tmp_path_factory, tiny_hf_model) -> dict:
-    """{"good": tiny llama F16, "bad": the same file claiming 2 experts used of 0}."""
-    root = tmp_path_factory.mktemp("abort")
-    good = root / "good-F16.gguf"
-    llamacpp.convert_hf_to_gguf(tiny_hf_model("llama"), good, "f16")
-    return {"good": good, "bad": with_experts_used(good, root / "bad-F16.gguf")}
+    """{"good": tiny llama F16 (the session's converted run, shared with 09/10's tests), "bad": a copy
+    claiming 2 experts used of 0}."""
+    _, result = converted_run(tmp_path_factory, tiny_hf_model, "llama")
+    good = result.files["F16"]
+    return {"good": good, "bad": with_experts_used(good, tmp_path_factory.mktemp("abort") / "bad-F16.gguf")}
 
 
 def assert_one_clear_error(message: str, *names: str) -> None:

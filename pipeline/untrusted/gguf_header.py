@@ -80,18 +80,20 @@ def check_gguf(path: str | Path) -> dict:
         version, n_tensors, n_kv = _preamble(r)
         meta = _metadata(r, n_kv)
         alignment = _alignment(r, meta)
-        tensors, names = [], set()
+        tensors, names, elements = [], set(), 0
         for i in range(n_tensors):
-            tensors.append(_tensor_info(r, i))
-            if tensors[-1][0] in names:
-                r.fail(f"tensor name {tensors[-1][0]!r} appears twice")
-            names.add(tensors[-1][0])
+            name, offset, nbytes, n = _tensor_info(r, i)
+            tensors.append((name, offset, nbytes))
+            if name in names:
+                r.fail(f"tensor name {name!r} appears twice")
+            names.add(name)
+            elements += n
         data_start = -(-r.pos // alignment) * alignment
         total = _check_data(r, tensors, data_start, alignment)
     arch = meta.get("general.architecture", (None, None))[1]
     return {"version": version, "tensor_count": n_tensors, "kv_count": n_kv, "alignment": alignment,
             "architecture": arch if isinstance(arch, str) else None,
-            "data_offset": data_start, "tensor_data_bytes": total}
+            "data_offset": data_start, "tensor_data_bytes": total, "tensor_elements": elements}
 
 
 def _preamble(r: _Reader) -> tuple[int, int, int]:
@@ -153,8 +155,8 @@ def _alignment(r: _Reader, meta: dict) -> int:
     return value
 
 
-def _tensor_info(r: _Reader, i: int) -> tuple[str, int, int]:
-    """(name, offset relative to the data section, size in bytes) of tensor #i."""
+def _tensor_info(r: _Reader, i: int) -> tuple[str, int, int, int]:
+    """(name, offset relative to the data section, size in bytes, elements) of tensor #i."""
     name = r.string(f"name of tensor #{i}", limit=MAX_NAME)
     n_dims = r.unpack("<I", f"n_dims of {name!r}")
     if not 1 <= n_dims <= MAX_DIMS:
@@ -174,7 +176,7 @@ def _tensor_info(r: _Reader, i: int) -> tuple[str, int, int]:
     if dims[0] % block:
         r.fail(f"tensor {name!r}: row length {dims[0]} is not a multiple of its type's block size {block}")
     offset = r.unpack("<Q", f"offset of {name!r}")
-    return name, offset, elements // block * block_bytes
+    return name, offset, elements // block * block_bytes, elements
 
 
 def _check_data(r: _Reader, tensors: list, data_start: int, alignment: int) -> int:
