@@ -3,7 +3,8 @@
 Every writer goes through `atomic_path`: it writes `.NAME.tmp-PID.tmp` next to the final
 name, fsyncs it and renames it into place (then fsyncs the folder, so the rename itself is
 durable). Temporaries end in `.tmp` so that no `*.gguf` or `*.jsonl` glob finds a half-written
-file; only writers that append an extension to names lacking it (MLX: `.safetensors`) keep theirs. A crash leaves at most a temporary, which the next write into that folder removes
+file; only writers that append an extension to names lacking it (MLX: `.safetensors`) keep
+theirs. A crash leaves at most a temporary, which the next write into that folder removes
 (`clean_stale`). Disk-full errors are turned into one message naming the path and the numbers.
 """
 

@@ -127,7 +127,7 @@ def build_tools(sdist: str | Path | None = None, jobs: int | None = None, force:
                      f"-DCMAKE_MAKE_PROGRAM={ninja}", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
                      "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                      "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"]
-        proc = subprocess.run(configure, capture_output=True, text=True)
+        proc = subprocess.run(configure, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise PipelineError(f"cmake could not configure llama.cpp:\n{_tail(proc.stdout + proc.stderr)}")
         build = [str(cmake), "--build", str(tmp / "build"), "--target", *TOOLS, "-j", str(jobs or os.cpu_count() or 2)]
@@ -169,7 +169,7 @@ def _build_with_progress(cmd: list[str]) -> None:
 def _download_sdist(where: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d", str(where)]
     print(f"downloading the {PACKAGE} sdist (llama.cpp's converter)...", file=sys.stderr)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     found = sorted(where.glob("llama_cpp_python-*.tar.gz"))
     if proc.returncode != 0 or not found:
         raise PipelineError(f"`{' '.join(cmd)}` failed:\n{_tail(proc.stderr or proc.stdout)}")
@@ -180,7 +180,7 @@ def _download_sdist(where: Path) -> Path:
 
 def _extract(sdist: Path, out: Path) -> None:
     try:
-        tf = tarfile.open(sdist)
+        tf = tarfile.open(sdist)  # noqa: SIM115 (a bad file is named here; `with tf` below closes it)
     except (OSError, tarfile.TarError) as e:
         raise PipelineError(f"{sdist} is not a readable sdist ({e}).") from None
     with tf:
@@ -314,7 +314,7 @@ def n_params(path: Path) -> int:
 
 PROBE_CTX = 16  # the child only proves the file loads and evaluates: a tiny KV cache
 _ASSERT = re.compile(r"GGML_ASSERT\(.*\) failed|GGML_ABORT.*")
-_ABORT_LINE = re.compile(r"^\S+\.(?:c|cc|cpp|h|cu|m):\d+: (.+)$", re.M)  # ggml_abort's "file:line: message"
+_ABORT_LINE = re.compile(r"^\S+\.(?:c|cc|cpp|h|cu|m):\d+: (.+)$", re.MULTILINE)  # ggml_abort's "file:line: message"
 
 
 def child_env() -> dict:
@@ -330,7 +330,7 @@ def run_child(cmd: list[str], operation: str, timeout: float | None = None) -> s
     PipelineError naming the operation (a phrase that names the file) and llama.cpp's assert line."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=child_env(),
-                              timeout=timeout)
+                              timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise PipelineError(f"llama.cpp did not finish {operation} within {timeout:.0f} s.") from None
     output = proc.stdout + proc.stderr
@@ -385,7 +385,7 @@ def _probe_here(path: Path, lora: Path | None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         bos = llama_cpp.llama_vocab_bos(llm._model.vocab)
-        llm.eval([bos if bos >= 0 else 0])
+        llm.eval([max(bos, 0)])  # no BOS: any token will do
     return 0
 
 

@@ -72,9 +72,8 @@ def assert_one_clear_error(message: str, *names: str) -> None:
 
 def test_quantize_abort_is_one_error_and_leaves_nothing(ggufs, tmp_path):
     final = tmp_path / "bad-Q8_0.gguf"
-    with pytest.raises(PipelineError) as e:
-        with atomic_path(final) as tmp:  # as 09 writes each file
-            llamacpp.quantize(ggufs["bad"], tmp, "Q8_0", threads=2)
+    with pytest.raises(PipelineError) as e, atomic_path(final) as tmp:  # as 09 writes each file
+        llamacpp.quantize(ggufs["bad"], tmp, "Q8_0", threads=2)
     assert_one_clear_error(str(e.value), f"quantizing {ggufs['bad']} to Q8_0")
     assert list(tmp_path.iterdir()) == []
     llamacpp.quantize(ggufs["good"], final, "Q8_0", threads=2)  # the same call on a sound file works
@@ -110,7 +109,7 @@ def test_open_gguf_validates_the_lora_header_before_llama_cpp(ggufs, tmp_path):
 def test_children_print_no_backtrace(ggufs):
     """GGML_NO_BACKTRACE (read by ggml_abort) keeps gdb off: the child's raw output has only the assert."""
     proc = subprocess.run([sys.executable, "-m", "pipeline.llamacpp", "probe", str(ggufs["bad"])], cwd=ROOT,
-                          capture_output=True, text=True, env=llamacpp.child_env())
+                          capture_output=True, text=True, env=llamacpp.child_env(), check=False)
     assert proc.returncode < 0 and ASSERT in proc.stderr
     assert "Inferior" not in proc.stderr and "#1 " not in proc.stderr
 
@@ -134,7 +133,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     GGML_NO_BACKTRACE: the pipeline sets it for its own children."""
     env = {k: v for k, v in os.environ.items() if k != "GGML_NO_BACKTRACE"}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**env, "TEST_MODE": "", "QUANTS": ""})
+                          env={**env, "TEST_MODE": "", "QUANTS": ""}, check=False)
 
 
 def test_cli_gguf_on_a_config_llama_cpp_rejects(tmp_path, tiny_hf_model):
