@@ -349,8 +349,8 @@ def child_error(operation: str, returncode: int, output: str) -> PipelineError:
     if reason:
         return PipelineError(
             f"llama.cpp aborted while {operation} ({how}): {reason}. The file holds something llama.cpp rejects "
-            "(often a config value it does not accept, such as more experts used than exist); no output was kept. "
-            "Fix the model's config.json (or the file) and export it again."
+            "(often a config value it does not accept, such as more experts used than exist): fix the model's "
+            "config.json (or the file) and export it again."
         )
     return PipelineError(f"llama.cpp failed while {operation} ({how}). Its last lines:\n{_tail(output, 12)}")
 
