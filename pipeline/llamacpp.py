@@ -13,6 +13,11 @@ same sdist (a few minutes, C++ compiler; cmake and ninja come from PyPI):
 
 Set LLAMA_CPP_DIR to use your own llama.cpp checkout instead (its `build/bin/` tools too,
 when built); MLX_PIPELINE_CACHE moves the cache (default ~/.cache/mlx-pipeline).
+
+llama.cpp stops the process (GGML_ASSERT -> abort) on some inputs, so what can abort runs in a
+child first: quantizing (`python -m pipeline.llamacpp quantize SRC DST TYPE`, or llama-quantize),
+the importance matrix (llama-imatrix), and before `open_gguf` loads a model (and a LoRA) here,
+`python -m pipeline.llamacpp probe MODEL [--lora LORA]` loads it and evaluates one token.
 """
 
 from __future__ import annotations
