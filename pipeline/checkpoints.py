@@ -10,7 +10,7 @@ A checkpoint is a folder `checkpoints/step-NNNNNNN/` in the run's work folder:
                             loss accumulator, the train log so far, and the run's fingerprint
     manifest.json           written last: a checkpoint is complete only when it has one
 
-It is written as `checkpoints/.step-NNNNNNN.tmp-<pid>/` and renamed when complete, so a crash
+It is written as `checkpoints/.step-NNNNNNN.tmp-<pid>.tmp/` and renamed when complete, so a crash
 leaves either a complete checkpoint or a temporary folder that resume deletes.
 """
 
