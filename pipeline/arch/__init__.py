@@ -15,7 +15,7 @@ from typing import Callable
 from ..errors import PipelineError
 
 # llama first: mistral's GGUFs say `llama` too, and a GGUF imported at 02 is loaded as llama.
-_MODULES = ["llama", "granite", "granitemoehybrid", "mistral", "qwen2", "qwen3", "gemma3_text"]
+_MODULES = ["llama", "granite", "granitemoehybrid", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
 
 # model_types people meet that are refused on purpose, with what to use instead.
 _REFUSED = {
