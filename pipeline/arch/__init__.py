@@ -9,8 +9,8 @@ CONTRIBUTING.md, "Adding an architecture".
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import PipelineError
 
@@ -19,8 +19,9 @@ _MODULES = ["llama", "granite", "granitemoehybrid", "mistral", "qwen2", "qwen3",
 
 # model_types people meet that are refused on purpose, with what to use instead.
 _REFUSED = {
-    "gemma3": "Gemma 3 4B/12B/27B checkpoints are image-text models (model_type gemma3, Gemma3ForConditionalGeneration); "
-    "only text-only Gemma 3 (model_type gemma3_text, e.g. google/gemma-3-1b-it or gemma-3-270m-it) is supported.",
+    "gemma3": "Gemma 3 4B/12B/27B checkpoints are image-text models (model_type gemma3, "
+    "Gemma3ForConditionalGeneration); only text-only Gemma 3 (model_type gemma3_text, e.g. google/gemma-3-1b-it "
+    "or gemma-3-270m-it) is supported.",
 }
 
 
