@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import PipelineError
+from .fsio import sha256_file
 
 FUSED = "fused"  # the fused MLX model (fused/), float32
 TRAINED = "trained"  # the training base + adapter in MLX, float32: what training optimised
@@ -68,8 +69,6 @@ def get(name: str) -> Kind:
 
 def entry(kind: Kind, key: str, path, **extra) -> dict:
     """A gguf/manifest.json files entry: the file, its kind and the key `--type` matches."""
-    from .fsio import sha256_file
-
     return {"type": key, "kind": kind.name, "file": path.name, "path": str(path), "size_bytes": path.stat().st_size,
             "sha256": sha256_file(path), **extra}
 
