@@ -17,25 +17,47 @@ Everything else (metadata, tokenizer, chat template, dense tensors, tensor names
 copied from the F16 GGUF that llama.cpp's converter made from the same fused model (phase 09):
 each GGUF tensor is matched to its MLX module by gguf-py's tensor name map, and the row
 permutation the converter applies (llama's q/k RoPE permute) is found by comparing with the F16
-tensor's values, so a converter change cannot silently scramble rows.
+tensor's values, so a converter change cannot silently scramble rows. Which model types have a
+native file is the registry's `Arch.native_gguf`; the gguf-py architecture is the F16 file's own
+(an all-attention granitemoehybrid is written as `granite`).
+
+granitemoehybrid: mamba in_proj/out_proj map by name. mlx-lm renames what the converter splits: a
+MoE model keeps `shared_mlp.input_linear` whole (gate rows, then up rows), the converter writes
+ffn_gate_shexp + ffn_up_shexp, so one MLX layer becomes two GGUF tensors of half its rows (MLX
+groups run along a row, so a row split is exact); the experts (`switch_mlp.*`, 3-D
+[expert, out, in]) are ffn_*_exps, transcoded as expert x out rows. mlx-lm keeps the router at 8
+bits: it stays the F16 file's tensor.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
+from . import arch
 from .errors import PipelineError
 from .fsio import atomic_path
 
-# model_type -> gguf-py MODEL_ARCH member name
-SUPPORTED = {"llama": "LLAMA", "granite": "GRANITE"}
 LLAMA_FTYPE = {"Q4_1": 3, "Q5_1": 9}  # LLAMA_FTYPE_MOSTLY_*
 KEPT_F16_BITS = (8,)
 FP16_EPS = 2.0 ** -11  # relative rounding of fp16 (round to nearest)
 FP16_SUBNORMAL = 2.0 ** -25  # absolute rounding below fp16's normal range
+# MLX layers (within a decoder layer) that gguf-py's name map does not know because mlx-lm's
+# sanitize renamed them: -> the GGUF tensors the converter writes, each taking an equal share of rows.
+_RENAMED = {
+    "shared_mlp.input_linear": ("ffn_gate_shexp", "ffn_up_shexp"),
+    "block_sparse_moe.switch_mlp.gate_proj": ("ffn_gate_exps",),
+    "block_sparse_moe.switch_mlp.up_proj": ("ffn_up_exps",),
+    "block_sparse_moe.switch_mlp.down_proj": ("ffn_down_exps",),
+}
+
+
+def supported() -> list[str]:
+    """Model types with a native GGUF (the registry's `Arch.native_gguf`)."""
+    return [m for m in arch.supported() if arch.get(m).native_gguf]
 
 
 def native_type_name(bits: int) -> str:
@@ -56,9 +78,9 @@ def check_native_source(fused_dir: Path) -> str:
             f"{fused_dir} is not MLX-quantized (no `quantization` in config.json): a native GGUF transcodes "
             "MLX's quantized weights. Fuse with --no-dequantize first (or use the Q8_0/K-quant files).")
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
+    if model_type not in supported():
         raise PipelineError(
-            f"{fused_dir}: native GGUF export supports model types {', '.join(SUPPORTED)}, not '{model_type}'. "
+            f"{fused_dir}: native GGUF export supports model types {', '.join(supported())}, not '{model_type}'. "
             "Use the llama.cpp-quantized files (gguf.quantizations) for this model.")
     if quant.get("mode", "affine") != "affine":
         raise PipelineError(f"{fused_dir}: MLX quantization mode '{quant['mode']}' is not affine: no GGUF equivalent.")
@@ -82,7 +104,7 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
     fused_dir, f16_gguf, out = Path(fused_dir), Path(f16_gguf), Path(out)
     config = json.loads((fused_dir / "config.json").read_text())
     check_native_source(fused_dir)
-    quant, model_type = config["quantization"], config["model_type"]
+    quant = config["quantization"]
     if not f16_gguf.is_file():
         raise PipelineError(f"{f16_gguf} not found: the native GGUF is built from phase 09's F16 file.")
 
@@ -90,9 +112,12 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
     reader = gguf.GGUFReader(str(f16_gguf))
     arch_name = _field(reader, "general.architecture")
     n_blocks = int(_field(reader, f"{arch_name}.block_count"))
-    n_head = int(_field(reader, f"{arch_name}.attention.head_count"))
-    n_head_kv = int(_field(reader, f"{arch_name}.attention.head_count_kv", n_head))
-    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED[model_type]), n_blocks)
+    n_head = _per_layer_max(_field(reader, f"{arch_name}.attention.head_count"))
+    n_head_kv = _per_layer_max(_field(reader, f"{arch_name}.attention.head_count_kv", n_head))
+    model_arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
+    if model_arch is None:
+        raise PipelineError(f"{f16_gguf.name}: gguf-py has no architecture '{arch_name}'.")
+    name_map = gguf.get_tensor_name_map(model_arch, n_blocks)
 
     # GGUF tensor name -> MLX module (quantized modules only).
     modules = sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
@@ -100,18 +125,18 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
         raise PipelineError(f"{fused_dir} has no quantized layers (no .scales tensors). "
                             "Fuse with --no-dequantize first.")
     gguf_names = {t.name: t for t in reader.tensors}
-    to_module = {}
+    to_module = {}  # GGUF tensor -> (MLX module, its share of the module's rows: index, of how many)
     for module in modules:
-        name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
-        if name is None or name not in gguf_names:
-            raise PipelineError(f"MLX layer {module} has no tensor in {f16_gguf.name} "
-                                f"(mapped to {name!r}): was the F16 file made from {fused_dir}?")
-        to_module[name] = module
+        for part, name in enumerate(names := _gguf_names(module, name_map, gguf_names)):
+            to_module[name] = (module, part, len(names))
+        if not names:
+            raise PipelineError(f"MLX layer {module} has no tensor in {f16_gguf.name}: was the F16 file made "
+                                f"from {fused_dir}?")
 
     stats = {"transcoded": 0, "types": {}, "kept_f16": [], "permuted": [], "max_abs_diff": 0.0,
              "max_abs_diff_bound": 0.0, "tensors": {}}
     replaced: dict[str, tuple[np.ndarray, object]] = {}
-    for name, module in to_module.items():
+    for name, (module, part, parts) in to_module.items():
         bits, group = _layer_quant(quant, module)
         if bits in KEPT_F16_BITS:
             stats["kept_f16"].append(name)
@@ -126,6 +151,8 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
             raise PipelineError(f"{module}: MLX quantization mode '{mode}' is not affine: no GGUF equivalent.")
         q, scales, biases = _unpack(weights, module, bits, group)
         dense = _mlx_dense(weights, module, bits, group)
+        share = slice(part * len(q) // parts, (part + 1) * len(q) // parts)
+        q, scales, biases, dense = q[share], scales[share], biases[share], dense[share]
         mine = np.repeat(scales, group, axis=1) * q + np.repeat(biases, group, axis=1)
         if not np.allclose(mine, dense, rtol=1e-6, atol=1e-7):
             raise PipelineError(f"{module}: unpacked {bits}-bit values do not reproduce mx.dequantize.")
@@ -140,6 +167,7 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
         qtype = getattr(gguf.GGMLQuantizationType, native_type_name(bits))
         blocks = _pack(q, scales, biases, group, bits)
         back = gguf.quants.dequantize(blocks, qtype)
+        blocks = blocks.reshape(*t.data.shape[:-1], -1)  # experts: [expert, out, bytes]
         diff = float(np.abs(back - dense).max())
         qmax = 2 ** bits - 1
         bound = (qmax * np.abs(np.repeat(scales, group, 1)) + np.abs(np.repeat(biases, group, 1))) * FP16_EPS \
@@ -153,8 +181,8 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
         stats["types"][qtype.name] = stats["types"].get(qtype.name, 0) + 1
         stats["max_abs_diff"] = max(stats["max_abs_diff"], diff)
         stats["max_abs_diff_bound"] = max(stats["max_abs_diff_bound"], float(bound.max()))
-        stats["tensors"][name] = {"mlx": module, "type": qtype.name, "bits": bits, "group_size": group,
-                                  "permutation": how, "max_abs_diff": diff}
+        stats["tensors"][name] = {"mlx": module, "rows": [share.start, share.stop], "type": qtype.name, "bits": bits,
+                                  "group_size": group, "permutation": how, "max_abs_diff": diff}
     if not replaced:
         raise PipelineError(f"{fused_dir} has no 4- or 5-bit layers to transcode: the native GGUF would be "
                             "the F16 file. Use gguf.quantizations (Q8_0) instead.")
@@ -192,6 +220,20 @@ def write_native_gguf(fused_dir: Path, f16_gguf: Path, out: Path) -> dict:
     return stats
 
 
+def _gguf_names(module: str, name_map, gguf_names) -> list[str]:
+    name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+    if name in gguf_names:
+        return [name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+    renamed = [f"blk.{m[1]}.{n}.weight" for n in _RENAMED.get(m[2], ())] if m else []
+    return renamed if renamed and all(n in gguf_names for n in renamed) else []
+
+
+def _per_layer_max(value) -> int:
+    """head counts are one number, or one per layer (hybrids: 0 for the mamba layers)."""
+    return int(max(value)) if isinstance(value, list) else int(value)
+
+
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
@@ -226,14 +268,17 @@ def _f32(a) -> np.ndarray:
 
 
 def _unpack(weights: dict, module: str, bits: int, group: int):
-    """MLX packed weight -> (q uint8 [rows, cols], scales f32 [rows, groups], biases f32)."""
+    """MLX packed weight -> (q uint8 [rows, cols], scales f32 [rows, groups], biases f32); a 3-D
+    expert weight [expert, out, in] counts expert x out rows."""
     packed = np.array(weights[module + ".weight"])
+    packed = packed.reshape(-1, packed.shape[-1])
     if packed.dtype != np.uint32:
         raise PipelineError(f"{module}.weight is {packed.dtype}, expected MLX's packed uint32.")
     scales = _f32(weights[module + ".scales"])
     if module + ".biases" not in weights:
         raise PipelineError(f"{module} has no biases: not MLX affine quantization.")
     biases = _f32(weights[module + ".biases"])
+    scales, biases = scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
     rows = packed.shape[0]
     cols = packed.shape[1] * 32 // bits
     if cols != scales.shape[1] * group:
@@ -251,7 +296,7 @@ def _mlx_dense(weights: dict, module: str, bits: int, group: int) -> np.ndarray:
 
     w = mx.dequantize(weights[module + ".weight"], weights[module + ".scales"].astype(mx.float32),
                       weights[module + ".biases"].astype(mx.float32), group_size=group, bits=bits)
-    return np.array(w.astype(mx.float32))
+    return np.array(w.astype(mx.float32)).reshape(-1, w.shape[-1])
 
 
 def llama_permutation(rows: int, n_head: int, n_head_kv: int | None = None) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 - `smollm2_tokenizer_dir`: the SmolLM2 tokenizer (from the embedded GGUF) saved as a Hugging Face
   tokenizer folder. Nothing is downloaded.
-- `tiny_hf_model`: a factory `make(model_type) -> Path` building a tiny random model with real
-  transformers from `tests/fixtures/configs/<model_type>.json` (hidden 64, 2-4 layers, the SmolLM2
-  vocabulary), cached per type. The folder holds safetensors weights, the tokenizer and a
+- `tiny_hf_model`: a factory `make(name) -> Path` building a tiny random model with real
+  transformers from `tests/fixtures/configs/<name>.json` (hidden 64, 2-4 layers, the SmolLM2
+  vocabulary), cached per name. A file is named by its `model_type`, or `<model_type>-<variant>`
+  for another shape of the same architecture (granitemoehybrid-moe, llama-3): the model_type is
+  always read from the file. The folder holds safetensors weights, the tokenizer and a
   config.json in the Hub form (top-level `rope_theta`, granitemoehybrid `layer_types` as
   mamba/attention): transformers 5 `save_pretrained` writes `rope_parameters` and renamed layer
   types, which mlx-lm 0.32 rejects or misreads (PLATFORM_NOTES.md), so the fixture file is written
@@ -26,14 +28,16 @@ from shipped_fixtures import shipped_run  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_CONFIGS = FIXTURES / "configs"
-TINY_MODEL_TYPES = sorted(p.stem for p in FIXTURE_CONFIGS.glob("*.json"))
+# Fixture names (file stems): one per model_type, plus variants such as granitemoehybrid-moe.
+TINY_FIXTURES = sorted(p.stem for p in FIXTURE_CONFIGS.glob("*.json"))
+TINY_MODEL_TYPES = sorted({json.loads(p.read_text())["model_type"] for p in FIXTURE_CONFIGS.glob("*.json")})
 
 
-def fixture_config(model_type: str) -> dict:
-    """The Hub-style config.json of a tiny fixture model."""
-    path = FIXTURE_CONFIGS / f"{model_type}.json"
+def fixture_config(name: str) -> dict:
+    """The Hub-style config.json of a tiny fixture model (`name`: a file stem, see TINY_FIXTURES)."""
+    path = FIXTURE_CONFIGS / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"No fixture config {path}; add one to build a tiny {model_type} model.")
+        raise FileNotFoundError(f"No fixture config {path}; add one to build a tiny {name} model.")
     return json.loads(path.read_text())
 
 
@@ -49,12 +53,12 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def build_tiny_model(model_type: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
-    """Build a random float32 model of `model_type` with transformers and save it to `out`."""
+def build_tiny_model(name: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    """Build a random float32 model from fixture `name` with transformers and save it to `out`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = fixture_config(model_type)
+    cfg = fixture_config(name)
     config = AutoConfig.for_model(**cfg)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -75,26 +79,74 @@ def build_tiny_model(model_type: str, out: Path, tokenizer_dir: Path | None = No
     hub["torch_dtype"] = "float32"
     hub["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(hub, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        warm_up(out, tokenizer_dir)
     return out
+
+
+# A few full-weight steps on the sample task's conversations (not the test rows' seed).
+WARM_UP = {"steps": 12, "learning_rate": 1e-2, "batch": 8, "rows": 32, "seed": 123}
+
+
+def warm_up(folder: Path, tokenizer_dir: Path) -> None:
+    """Train every weight of the model in `folder` for a few steps (MLX, float32), in place.
+
+    Why: a random model's next-token distribution is near-uniform (perplexity on the chat rows is
+    ~the 49152-token vocabulary), and there any export meets a KL bound. A dozen Adam steps bring
+    the perplexity to tens or hundreds. MLX rather than torch: transformers' Mamba2 runs its slow
+    path on CPU (~3x slower here). The weights go back under their Hub names through the
+    registry's `to_hf_weights` (phase 08's inverse of mlx-lm's renames), checked name by name.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+    from transformers import AutoTokenizer
+
+    from pipeline import arch
+    from pipeline.data.sample_task import generate_rows
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rows = [tok.apply_chat_template(r["messages"], return_dict=False)
+            for r in generate_rows(WARM_UP["rows"], seed=WARM_UP["seed"])]
+    length = min(map(len, rows))
+    model, config = load_model(folder)
+    step = nn.value_and_grad(model, lambda m, x: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean())
+    opt = optim.Adam(learning_rate=WARM_UP["learning_rate"])
+    b = WARM_UP["batch"]
+    for i in range(WARM_UP["steps"]):
+        start = i * b % len(rows)
+        _, grads = step(model, mx.array([r[:length] for r in rows[start:start + b]]))
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    weights = arch.get(config["model_type"]).to_hf_weights(dict(tree_flatten(model.parameters())), config)
+    path = folder / "model.safetensors"
+    hub = mx.load(str(path))
+    if set(weights) != set(hub) - ({"lm_head.weight"} if config.get("tie_word_embeddings", True) else set()):
+        raise AssertionError(f"{folder.name}: to_hf_weights does not give back the Hub names: "
+                             f"{sorted(set(weights) ^ set(hub))[:6]}")
+    mx.save_safetensors(str(path), {k: weights.get(k, hub[k]).astype(hub[k].dtype) for k in hub},
+                        metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")
 def tiny_hf_model(tmp_path_factory, smollm2_tokenizer_dir):
-    """Factory: `make(model_type) -> Path` of a tiny random HF model folder (cached per type)."""
+    """Factory: `make(name) -> Path` of a tiny random HF model folder (cached per fixture name)."""
     cache: dict[str, Path] = {}
 
-    def make(model_type: str) -> Path:
-        if model_type not in cache:
-            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
-            cache[model_type] = build_tiny_model(model_type, out, smollm2_tokenizer_dir)
-        return cache[model_type]
+    def make(name: str) -> Path:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{name}")
+            cache[name] = build_tiny_model(name, out, smollm2_tokenizer_dir)
+        return cache[name]
 
     return make
 
 
-@pytest.fixture(scope="session", params=TINY_MODEL_TYPES)
+@pytest.fixture(scope="session", params=TINY_FIXTURES)
 def tiny_model_dir(request, tiny_hf_model) -> Path:
-    """One tiny model folder per fixture architecture (parametrised over all of them)."""
+    """One tiny model folder per fixture (parametrised over all of them)."""
     return tiny_hf_model(request.param)
 
 

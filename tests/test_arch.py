@@ -10,12 +10,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from pipeline import arch
 from pipeline.errors import PipelineError
 from pipeline.modeling import dequantize_layers, load_model
 
-from conftest import FIXTURE_CONFIGS, TINY_MODEL_TYPES, fixture_config
+from conftest import FIXTURE_CONFIGS, TINY_FIXTURES, TINY_MODEL_TYPES, fixture_config
 
 # Token ids of the SmolLM2 vocabulary, including bos/eos and the last id.
 IDS = [1, 504, 3458, 282, 4649, 314, 2114, 47, 2, 9000, 49151, 17]
@@ -42,9 +43,9 @@ def test_every_supported_type_has_a_fixture():
 
 def test_unknown_type_lists_supported():
     with pytest.raises(PipelineError) as e:
-        arch.get("mistral")
+        arch.get("gpt2")
     msg = str(e.value)
-    assert "mistral" in msg
+    assert "gpt2" in msg
     for t in arch.supported():
         assert t in msg
 
@@ -65,6 +66,9 @@ def test_normalise_transformers5_form_by_hand():
         "rope_parameters": {"rope_theta": 10000, "rope_type": "default"},
         "layer_types": ["linear_attention", "full_attention", "linear_attention"],
         "dtype": "bfloat16",
+        "num_local_experts": 0,
+        "num_experts_per_tok": 0,
+        "shared_intermediate_size": 128,
     }
     changes = arch.normalise_config(cfg)
     assert cfg["rope_theta"] == 10000
@@ -89,20 +93,20 @@ def test_normalise_keeps_rope_scaling():
     assert "rope_theta" not in cfg["rope_scaling"]
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_normalise_hub_form_is_a_no_op(model_type):
-    cfg = fixture_config(model_type)
+@pytest.mark.parametrize("name", TINY_FIXTURES)
+def test_normalise_hub_form_is_a_no_op(name):
+    cfg = fixture_config(name)
     before = json.loads(json.dumps(cfg))
     assert arch.normalise_config(cfg) == []
     assert cfg == before
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_normalise_what_transformers_writes(model_type, tmp_path):
+@pytest.mark.parametrize("name", TINY_FIXTURES)
+def test_normalise_what_transformers_writes(name, tmp_path):
     """Round trip: transformers 5 `save_pretrained` of the Hub config, normalised, gives it back."""
     from transformers import AutoConfig
 
-    hub = fixture_config(model_type)
+    hub = fixture_config(name)
     AutoConfig.for_model(**hub).save_pretrained(str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
     arch.normalise_config(cfg)
@@ -110,7 +114,33 @@ def test_normalise_what_transformers_writes(model_type, tmp_path):
     assert cfg["rope_theta"] == hub["rope_theta"]
     if "layer_types" in hub:
         assert cfg["layer_types"] == hub["layer_types"]
-    assert "rope_scaling" not in cfg or not cfg["rope_scaling"]
+    scaling = fixture_config(name).get("rope_scaling")  # fresh: transformers edits the dict it is given
+    if scaling:  # llama 3: rope_type llama3 and its factors survive the round trip
+        assert {k: cfg["rope_scaling"][k] for k in scaling} == scaling
+    else:
+        assert "rope_scaling" not in cfg or not cfg["rope_scaling"]
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        assert cfg.get(key) == hub.get(key), key
+
+
+def test_normalise_dense_granite_hybrid_uses_no_experts():
+    """transformers writes num_experts_per_tok 2 beside 0 experts; llama.cpp aborts on it."""
+    base = {k: v for k, v in fixture_config("granitemoehybrid").items() if k != "num_experts_per_tok"}
+    for used in (None, 2):
+        cfg = dict(base, **({} if used is None else {"num_experts_per_tok": used}))
+        changes = arch.normalise_config(cfg)
+        assert cfg["num_experts_per_tok"] == 0 and len(changes) == 1 and "num_experts_per_tok = 0" in changes[0]
+    with pytest.raises(PipelineError, match=r"num_experts_per_tok = 5 with num_local_experts = 4"):
+        arch.normalise_config(dict(fixture_config("granitemoehybrid-moe"), num_experts_per_tok=5))
+
+
+def test_gguf_arch_of_each_granite_shape():
+    """llama.cpp writes an all-attention granitemoehybrid (Granite 4.0 Micro) as `granite`."""
+    assert arch.gguf_arch_of(fixture_config("granitemoehybrid-micro")) == "granite"
+    assert arch.gguf_arch_of(fixture_config("granitemoehybrid")) == "granitehybrid"
+    assert arch.gguf_arch_of(fixture_config("granitemoehybrid-moe")) == "granitehybrid"
+    assert arch.gguf_arch_of(fixture_config("llama-3")) == "llama"
+    assert arch.from_gguf_arch("granite").model_type == "granite"
 
 
 def test_resolve_targets_presets():
@@ -164,21 +194,21 @@ def loaded(tiny_hf_model):
     return get
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_FIXTURES)
 def test_tiny_model_folder_is_hub_form(model_type, tiny_hf_model):
     folder = tiny_hf_model(model_type)
     cfg = json.loads((folder / "config.json").read_text())
     assert "rope_parameters" not in cfg and "rope_theta" in cfg
-    assert cfg["model_type"] == model_type
+    assert cfg["model_type"] == fixture_config(model_type)["model_type"]
     assert (folder / "tokenizer.json").is_file()
     assert list(folder.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_FIXTURES)
 def test_load_and_forward(model_type, loaded):
     model, tokenizer, config = loaded(model_type)
     cfg = fixture_config(model_type)
-    assert config["model_type"] == model_type
+    assert config["model_type"] == cfg["model_type"]
     assert tokenizer.bos_token_id == cfg["bos_token_id"] and tokenizer.eos_token_id == cfg["eos_token_id"]
     assert len(model.layers) == cfg["num_hidden_layers"]
     logits = mlx_logits(model)
@@ -188,21 +218,21 @@ def test_load_and_forward(model_type, loaded):
     assert ("lm_head" in dict(model.named_modules())) == (not cfg["tie_word_embeddings"])
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_FIXTURES)
 def test_presets_name_real_modules(model_type, loaded):
     """Every decoder layer has modules that each preset adapts (mlx-lm matches names per layer)."""
-    model, _, _ = loaded(model_type)
-    a = arch.get(model_type)
+    model, _, config = loaded(model_type)
+    a = arch.get(config["model_type"])
     for i, layer in enumerate(model.layers):
         names = {k for k, _ in layer.named_modules()}
         for preset, keys in a.presets.items():
             hit = [k for k in keys if k in names]
             assert hit, f"{model_type} layer {i}: preset '{preset}' matches none of {sorted(names)}"
-            for k in hit:
-                assert isinstance(dict(layer.named_modules())[k], nn.Linear)
+            for k in hit:  # MoE experts: mlx-lm's SwitchLinear, which its LoRASwitchLinear adapts
+                assert isinstance(dict(layer.named_modules())[k], (nn.Linear, SwitchLinear))
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_FIXTURES)
 def test_dequantized_equals_quantized(model_type, tiny_hf_model):
     """The CPU QLoRA path (dense layers holding the dequantized weights) computes the same
     function as the genuinely quantized model."""
@@ -223,7 +253,7 @@ def test_dequantized_equals_quantized(model_type, tiny_hf_model):
     assert diff < 1e-3, f"{model_type}: dequantized vs quantized max abs diff {diff}"
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("model_type", TINY_FIXTURES)
 def test_transformers_loads_and_matches_mlx(model_type, tiny_hf_model, loaded):
     """Parity: transformers (torch, float32) and mlx-lm (float32) on the same weights."""
     import torch
@@ -231,7 +261,7 @@ def test_transformers_loads_and_matches_mlx(model_type, tiny_hf_model, loaded):
 
     folder = tiny_hf_model(model_type)
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    assert hf.config.model_type == model_type
+    assert hf.config.model_type == fixture_config(model_type)["model_type"]
     with torch.no_grad():
         ref = hf(torch.tensor([IDS])).logits.float().numpy()
     model, _, _ = loaded(model_type)

@@ -2,7 +2,8 @@
 
 Tiny llama runs: trained + fused with --no-dequantize (4-bit, group 32, the export fixtures'
 run), and the tiny model quantized directly by mlx-lm at group 64 (4-bit) and group 32 (5-bit);
-a tiny granite (4-bit, group 64, untied lm_head) for the weights check.
+a tiny granite (4-bit, group 64, untied lm_head), and the Granite 4.0 H shapes (granitemoehybrid
+dense hybrid and MoE: mamba in_proj/out_proj, the shared MLP split into gate/up, 3-D experts).
 Each goes through phase 09 (F16 + Q8_0 + Q4_K_M from llama.cpp), then `write_native_gguf`.
 Checked: (a) the native file's weights, dequantized by gguf-py, equal MLX's dequantized weights up
 to fp16 rounding of scale and bias: |diff| <= (q_max |scale| + |bias|) * 2^-11 (+ 2^-25 (q_max + 1)
@@ -53,7 +54,9 @@ def native_run(key: str, tmp_path_factory, tiny_hf_model, export_runs):
             cfg = make_cfg(root, "t", **QUANTS)
         else:
             model_type, bits, group = {"q4-g64": ("llama", 4, 64), "q5-g32": ("llama", 5, 32),
-                                       "granite-q4-g64": ("granite", 4, 64)}[key]
+                                       "granite-q4-g64": ("granite", 4, 64),
+                                       "hybrid-q4-g64": ("granitemoehybrid", 4, 64),
+                                       "moe-q4-g32": ("granitemoehybrid-moe", 4, 32)}[key]
             model = _quantized_copy(tiny_hf_model(model_type), root / "model", bits, group)
             cfg = make_run(root, model, hf=False, **QUANTS)
         result = convert_to_gguf(cfg)
@@ -63,7 +66,11 @@ def native_run(key: str, tmp_path_factory, tiny_hf_model, export_runs):
     return _RUNS[key]
 
 
-@pytest.mark.parametrize("key", ["trained-q4-g32", "q4-g64", "q5-g32", "granite-q4-g64"])
+# 8-bit layers mlx-lm keeps (granite: o/down_proj, lm_head; MoE: each layer's router)
+EIGHT_BIT = {"granite-q4-g64": 5, "moe-q4-g32": 4}
+
+
+@pytest.mark.parametrize("key", ["trained-q4-g32", "q4-g64", "q5-g32", "granite-q4-g64", "hybrid-q4-g64", "moe-q4-g32"])
 def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_hf_model, export_runs):
     import gguf
     import mlx.core as mx
@@ -79,12 +86,17 @@ def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_
     layers = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
     eight_bit = [m for m in layers if isinstance(config["quantization"].get(m), dict)
                  and config["quantization"][m]["bits"] == 8]  # mlx-lm's granite recipe: o/down_proj, lm_head
-    n_quantized = len(layers) - len(eight_bit)
+    # A MoE model's shared_mlp.input_linear is two GGUF tensors (gate, up): one more per layer.
+    split = [m for m in layers if m.endswith("shared_mlp.input_linear")]
+    n_quantized = len(layers) - len(eight_bit) + len(split)
     assert stats["transcoded"] == n_quantized > 0 and stats["types"] == {qtype: n_quantized}
     # 8-bit layers have no exact GGUF block: they stay the F16 file's tensors (checked below).
-    assert len(stats["kept_f16"]) == len(eight_bit) == (5 if key.startswith("granite") else 0)
+    assert len(stats["kept_f16"]) == len(eight_bit) == EIGHT_BIT.get(key, 0)
     # llama.cpp's converter permutes q and k rows for RoPE; the transcoder found and applied it.
-    assert sorted(stats["permuted"]) == sorted(f"blk.{i}.attn_{x}.weight" for i in range(2) for x in "qk")
+    attention = [i for i, t in enumerate(config.get("layer_types") or ["attention"] * 2) if t == "attention"]
+    assert sorted(stats["permuted"]) == sorted(f"blk.{i}.attn_{x}.weight" for i in attention for x in "qk")
+    if key.startswith("moe"):
+        assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_shexp.weight", "blk.0.ssm_in.weight"} <= set(stats["tensors"])
 
     src, out = gguf.GGUFReader(str(result.files["F16"])), gguf.GGUFReader(str(native))
     assert [t.name for t in out.tensors] == [t.name for t in src.tensors]
@@ -97,6 +109,7 @@ def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_
     arch = src.fields["general.architecture"].contents()
     n_head = src.fields[f"{arch}.attention.head_count"].contents()
     n_kv = src.fields[f"{arch}.attention.head_count_kv"].contents()
+    n_kv = max(n_kv) if isinstance(n_kv, list) else n_kv  # hybrids: one per layer, 0 for mamba
     qmax = 2 ** bits - 1
     checked = 0
     for s, t in zip(src.tensors, out.tensors):
@@ -109,7 +122,10 @@ def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_
         scales = weights[m + ".scales"].astype(mx.float32)
         biases = weights[m + ".biases"].astype(mx.float32)
         dense = np.array(mx.dequantize(weights[m + ".weight"], scales, biases, group_size=group, bits=bits))
-        scales, biases = np.repeat(np.array(scales), group, 1), np.repeat(np.array(biases), group, 1)
+        scales, biases = np.repeat(np.array(scales), group, -1), np.repeat(np.array(biases), group, -1)
+        # 3-D experts count expert x out rows; a split layer gives each GGUF tensor its share of rows.
+        share = slice(*info["rows"])
+        dense, scales, biases = (a.reshape(-1, a.shape[-1])[share] for a in (dense, scales, biases))
         if t.name.endswith("attn_q.weight"):
             perm = llama_permutation(dense.shape[0], n_head, n_head)
         elif t.name.endswith("attn_k.weight"):
@@ -124,43 +140,34 @@ def test_native_weights_equal_mlx_up_to_fp16_scales(key, tmp_path_factory, tiny_
         checked += 1
     assert checked == n_quantized
     # The permutation is llama.cpp's: the F16 tensor of the same weights agrees with it.
-    q_f16 = next(t for t in src.tensors if t.name == "blk.0.attn_q.weight")
-    q_native = next(t for t in out.tensors if t.name == "blk.0.attn_q.weight")
+    q_name = f"blk.{attention[0]}.attn_q.weight"
+    q_f16 = next(t for t in src.tensors if t.name == q_name)
+    q_native = next(t for t in out.tensors if t.name == q_name)
     a = np.asarray(q_f16.data, dtype=np.float32)
     b = gguf.quants.dequantize(q_native.data, q_native.tensor_type).reshape(a.shape)
     assert np.abs(a - b).max() <= 0.01 * np.abs(a).max()
     assert stats["size_bytes"] == native.stat().st_size < result.files["F16"].stat().st_size
 
 
-def _kl(llm, model, ids_list) -> float:
-    from pipeline.phases.p10_verify_gguf import _gguf_logits, _log_softmax, _mlx_logits
-
-    kls = []
-    for ids in ids_list:
-        p, q = _log_softmax(_mlx_logits(model, ids)), _log_softmax(_gguf_logits(llm, ids))
-        kls.append(np.sum(np.exp(p) * (p - q), axis=-1))
-    return float(np.concatenate(kls).mean())
-
-
-@pytest.mark.parametrize("key", ["trained-q4-g32", "q4-g64"])
+@pytest.mark.parametrize("key", ["trained-q4-g32", "q4-g64", "moe-q4-g32"])
 def test_native_runs_in_llama_cpp_closer_than_q8_0(key, tmp_path_factory, tiny_hf_model, export_runs):
     from pipeline import llamacpp
+    from pipeline.agreement import Conversation, compare, gguf_metadata, gguf_scorer, mlx_scorer
     from pipeline.modeling import load_model
-    from pipeline.phases.p10_verify_gguf import gguf_metadata, load_gguf
 
     cfg, result, stats, native = native_run(key, tmp_path_factory, tiny_hf_model, export_runs)
     model, _, _ = load_model(Path(cfg.models_dir) / "t" / "fused", "float32")  # dequantized on CPU: exact
     kl = {}
     for name, path in [("native", native), ("Q8_0", result.files["Q8_0"]), ("Q4_K_M", result.files["Q4_K_M"])]:
-        llm = load_gguf(path, 256, 0)
+        llm = llamacpp.open_gguf(path, 256, 0)
         try:
             if name == "native":
                 assert gguf_metadata(llm)["type"] == "Q4_1"
                 text = llm.create_completion("The capital of France is", max_tokens=4, temperature=0)
                 assert text["choices"][0]["text"] is not None
             with llamacpp.captured_log():
-                ids = [llm.tokenize(t.encode(), add_bos=False) for t in TEXTS]
-                kl[name] = _kl(llm, model, ids)
+                convs = [Conversation(llm.tokenize(t.encode(), add_bos=False), 0) for t in TEXTS]
+                kl[name] = compare(mlx_scorer(model), gguf_scorer(llm), convs)["kl"]
         finally:
             llm.close()
     print(key, kl)
@@ -178,8 +185,8 @@ def test_refuses_dense_models_and_other_architectures(tmp_path, tmp_path_factory
     fused = tmp_path / "fused"
     shutil.copytree(Path(cfg.models_dir) / "t" / "fused", fused)
     config = json.loads((fused / "config.json").read_text())
-    (fused / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(PipelineError, match=r"supports model types llama, granite, not 'mistral'"):
+    (fused / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(PipelineError, match=r"supports model types llama, granite, granitemoehybrid.*, not 'gpt2'"):
         write_native_gguf(fused, f16, out)
 
     q = dict(config["quantization"], bits=3)

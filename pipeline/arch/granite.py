@@ -9,4 +9,5 @@ ARCH = Arch(
     gguf_arch="granite",
     presets={"attention": ATTENTION, "mlp": MLP},
     normalise=flatten_rope_parameters,
+    native_gguf=True,
 )

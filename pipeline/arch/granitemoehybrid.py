@@ -4,12 +4,19 @@ transformers 5 writes layer_types as linear_attention/full_attention, which mlx-
 mlx-lm renames weights on load (`Model.sanitize`): the dense `shared_mlp.input_linear` is split into
 `mlp.gate_proj`/`mlp.up_proj` and `shared_mlp.output_linear` becomes `mlp.down_proj` (MoE
 checkpoints: `block_sparse_moe.input_linear`/`output_linear` -> `switch_mlp.*`), and conv1d weights
-are stored (C, K, 1) instead of (C, 1, K); `to_hf_weights` undoes all three."""
+are stored (C, K, 1) instead of (C, 1, K); `to_hf_weights` undoes all three.
+The MoE fields must agree before anything loads the model: transformers fills a missing
+`num_local_experts` with 8 and `num_experts_per_tok` with 2 (also beside 0 experts) while mlx-lm
+reads a missing count as dense, and llama.cpp aborts the whole process when experts used > experts.
+Every layer "attention" (Granite 4.0 Micro) is converted by llama.cpp as `granite`."""
 
+from ..errors import PipelineError
 from . import Arch, flatten_rope_parameters
 from .llama import ATTENTION, MLP
 
 _LAYER_TYPES = {"linear_attention": "mamba", "full_attention": "attention"}
+# Defaults transformers' GraniteMoeHybridConfig fills in for keys a config leaves out.
+_TRANSFORMERS_DEFAULTS = {"num_local_experts": 8, "num_experts_per_tok": 2, "shared_intermediate_size": 1024}
 
 
 def normalise(cfg: dict) -> list[str]:
@@ -18,7 +25,37 @@ def normalise(cfg: dict) -> list[str]:
     if isinstance(types, list) and any(t in _LAYER_TYPES for t in types):
         cfg["layer_types"] = [_LAYER_TYPES.get(t, t) for t in types]
         changes.append("layer_types renamed to mamba/attention")
-    return changes
+    return changes + _normalise_experts(cfg)
+
+
+def _normalise_experts(cfg: dict) -> list[str]:
+    """Dense (0 experts) -> 0 used; anything else that is missing or contradictory is refused."""
+    for key in ("num_local_experts", "shared_intermediate_size"):
+        if cfg.get(key) is None:
+            raise PipelineError(
+                f"config.json has no `{key}`: transformers would assume {_TRANSFORMERS_DEFAULTS[key]}, which "
+                "need not be this checkpoint's. Set it from the model card (Granite 4.0: num_local_experts 0 "
+                "for Micro/H-Micro, 64 for H-Tiny; shared_intermediate_size as the checkpoint's shared_mlp).")
+    experts, used = cfg["num_local_experts"], cfg.get("num_experts_per_tok")
+    if not isinstance(experts, int) or experts < 0:
+        raise PipelineError(f"config.json: num_local_experts = {experts!r}; expected 0 (dense) or a positive count.")
+    if experts == 0:
+        if used != 0:
+            cfg["num_experts_per_tok"] = 0
+            was = "left out, transformers fills 2" if used is None else used
+            return [f"num_experts_per_tok = 0 (was {was}; the model has no experts, and llama.cpp aborts when "
+                    "more are used than exist)"]
+        return []
+    if used is None:
+        raise PipelineError(
+            f"config.json has num_local_experts = {experts} but no `num_experts_per_tok`: transformers would "
+            f"assume {_TRANSFORMERS_DEFAULTS['num_experts_per_tok']}. Set it from the model card "
+            "(Granite 4.0 H-Tiny: 6).")
+    if not isinstance(used, int) or not 1 <= used <= experts:
+        raise PipelineError(
+            f"config.json: num_experts_per_tok = {used!r} with num_local_experts = {experts}: experts used per "
+            f"token must be between 1 and {experts} (llama.cpp aborts otherwise). Fix num_experts_per_tok.")
+    return []
 
 
 # (mlx-lm module, Hub module, axis joining gate|up): the dense MLP, the MoE experts.
@@ -52,9 +89,13 @@ ARCH = Arch(
     gguf_arch="granitehybrid",
     presets={
         "attention": ATTENTION + ["mamba.in_proj", "mamba.out_proj"],
-        # Dense checkpoints' shared_mlp is loaded by mlx-lm as mlp.gate/up/down_proj.
-        "mlp": MLP + ["shared_mlp.input_linear", "shared_mlp.output_linear"],
+        # Dense checkpoints' shared_mlp is loaded by mlx-lm as mlp.gate/up/down_proj; MoE ones keep
+        # shared_mlp and hold the experts in SwitchLinear layers (mlx-lm's LoRASwitchLinear adapts them).
+        "mlp": MLP + ["shared_mlp.input_linear", "shared_mlp.output_linear"]
+        + [f"block_sparse_moe.switch_mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")],
     },
     normalise=normalise,
     to_hf_weights=to_hf_weights,
+    gguf_arch_of=lambda cfg: "granite" if set(cfg.get("layer_types") or ["mamba"]) == {"attention"} else "granitehybrid",
+    native_gguf=True,
 )

@@ -10,4 +10,5 @@ ARCH = Arch(
     gguf_arch="llama",
     presets={"attention": ATTENTION, "mlp": MLP},
     normalise=flatten_rope_parameters,
+    native_gguf=True,
 )
