@@ -33,8 +33,8 @@ SPAN = "answer"  # the fine-tune shows in the answers; the prompt tokens would d
 BETTER_OPTIONS = (
     "better options: `--rebase` (add the adapter to the original full-precision base; the GGUF step "
     "quantizes once), `--de-quantize` (keep W + dW exactly, in full precision), or ship the adapter itself "
-    "as a LoRA GGUF (gguf.adapter_gguf) with the 4-bit training base as native Q4_1 GGUF: that pair is the "
-    "trained model"
+    "as a LoRA GGUF (gguf.adapter_gguf) next to the 4-bit training base as a native GGUF (Q4_1): that pair "
+    "is the trained model"
 )
 
 

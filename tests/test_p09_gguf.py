@@ -190,3 +190,26 @@ def test_converter_error_shows_its_output_and_leaves_no_file(tmp_path, tiny_hf_m
         convert_to_gguf(cfg)
     out = tmp_path / "t" / "gguf"
     assert not list(out.glob("*.gguf")) and not list(out.glob(".*")) and not (out / "manifest.json").exists()
+
+
+def test_native_file_of_a_fuse_that_lost_the_adapter_is_left_out(export_runs):
+    """gguf.native on a QLoRA run fused --de-quantize: the --no-dequantize fuse behind Q4_1-native
+    rounds a 1000x smaller adapter away (survival lost), so no such file is exported; the native
+    training base + LoRA pair, which keeps the adapter apart, still is."""
+    from export_fixtures import copy_run as copy_trained
+    from export_fixtures import make_cfg as trained_cfg
+    from export_fixtures import shrink_adapter
+
+    from pipeline.phases.p07_fuse_lora import fuse
+
+    root = export_runs.trained("llama")
+    shrink_adapter(copy_trained(root, "lost-native"))
+    cfg = trained_cfg(root, run="lost-native", fuse__dequantize=True, gguf__native=True, gguf__adapter_gguf=True,
+                      **{"gguf.quantizations": ["Q8_0"]})
+    fuse(cfg)
+    result = convert_to_gguf(cfg)
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert "Q4_1-native" not in result.files and not (result.path / "lost-native-Q4_1-native.gguf").exists()
+    assert manifest["native"]["source"].endswith("fused-native")
+    assert "most of the fine-tune was lost" in manifest["native"]["skipped"]
+    assert manifest["outputs"]["files"]["Q4_1-native-base"]["kind"] == "native-base"
