@@ -11,7 +11,8 @@ the groups; Q4_1's d may be negative too, so they are transcoded as they are, ne
 8-bit MLX tensors have no exact GGUF form (Q8_0 has no offset): they are left as the source
 file's unquantized tensor (F16 of the same dequantized values: the lossless choice, at 16 instead
 of 8.5 bits per weight; Q8_0 would be a second quantization onto another grid, which is what this
-file exists to avoid). mlx-lm keeps e.g. granite's lm_head at 8 bits in mixed recipes. Other bit widths (2, 3, 6) are refused.
+file exists to avoid). mlx-lm keeps e.g. granite's lm_head at 8 bits in mixed recipes. Other bit widths
+(2, 3, 6) are refused.
 
 Everything else (metadata, tokenizer, chat template, dense tensors, tensor names and order) is
 copied from the F16 GGUF that llama.cpp's converter made from the same fused model (phase 09):

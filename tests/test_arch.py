@@ -241,7 +241,8 @@ def test_dequantized_equals_quantized(model_type, tiny_hf_model):
     model, _, config = load_model(tiny_hf_model(model_type))
     dense = mlx_logits(model)
     model, _ = quantize_model(model, dict(config), group_size=32, bits=4)
-    quantized_layers = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    quantized_types = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    quantized_layers = [m for _, m in model.named_modules() if isinstance(m, quantized_types)]
     assert quantized_layers
     quantized = mlx_logits(model)
     assert np.abs(quantized - dense).max() > 1e-3, "4-bit quantization should change the logits"

@@ -84,6 +84,13 @@ def to_hf_weights(weights: dict, config: dict) -> dict:
     return out
 
 
+def gguf_arch_of(cfg: dict) -> str:
+    """llama.cpp's converter writes a model without mamba layers as granite (granitemoe with experts)."""
+    if set(cfg.get("layer_types") or ["mamba"]) != {"attention"}:
+        return "granitehybrid"
+    return "granitemoe" if cfg.get("num_experts_per_tok") else "granite"
+
+
 ARCH = Arch(
     model_type="granitemoehybrid",
     gguf_arch="granitehybrid",
@@ -96,6 +103,6 @@ ARCH = Arch(
     },
     normalise=normalise,
     to_hf_weights=to_hf_weights,
-    gguf_arch_of=lambda cfg: "granite" if set(cfg.get("layer_types") or ["mamba"]) == {"attention"} else "granitehybrid",
+    gguf_arch_of=gguf_arch_of,
     native_gguf=True,
 )
