@@ -2,8 +2,8 @@
 
 Default: the smallest file whose task metric is within `max_metric_drop` points of the MLX
 model's and whose KL to it is at most `max_kl` (sizes within 1 % count as equal: the lower KL
-wins). `type_name` or `file` overrides the choice; a file that failed verify is refused unless `force`. Used by 11 install
-and by `serve`.
+wins). `type_name` or `file` overrides the choice; a file that failed verify is refused unless
+`force`. A base GGUF + LoRA GGUF pair is one export (`Choice.lora`). Used by 11 install and by `serve`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def choose_export(cfg, type_name: str | None = None, file: str | None = None, fo
     paths = RunPaths(cfg)
     rows = [r for r in report["models"] if not r["file"].endswith("(MLX)")]
     if not allow_pair:
-        rows = [r for r in rows if " + " not in r["file"]]
+        rows = [r for r in rows if len(files_of(r)) == 1]
     reference = next((r for r in report["models"] if r["file"].endswith("(MLX)")), {})
     primary = report.get("primary_metric")
     failed = {f.split(":", 1)[0] for f in report.get("failures", [])}
@@ -76,9 +76,10 @@ def choose_export(cfg, type_name: str | None = None, file: str | None = None, fo
         reason = f"{'--file' if file else '--type'} {file or type_name}"
     else:
         row, reason = _best(rows, reference, primary, cfg.install.max_metric_drop, cfg.install.max_kl)
-    names = row["file"].split(" + ")
-    if any(n in failed for n in names):
-        problems = [f for f in report["failures"] if f.split(":", 1)[0] in names]
+    names = files_of(row)
+    failed_as = {row["file"], *names}  # a pair's failures are named "base + lora"
+    if failed & failed_as:
+        problems = [f for f in report["failures"] if f.split(":", 1)[0] in failed_as]
         if not force:
             raise PipelineError(f"{row['file']} failed 10 verify: {' '.join(problems)} Refused; pass --force "
                                 "to install it anyway, or choose another file (--type).")
@@ -92,13 +93,19 @@ def choose_export(cfg, type_name: str | None = None, file: str | None = None, fo
 
 def _pick(rows: list[dict], type_name: str | None, file: str | None) -> dict:
     for r in rows:
-        if file and (r["file"] == Path(file).name or Path(file).name in r["file"].split(" + ")):
+        if file and (r["file"] == Path(file).name or Path(file).name in files_of(r)):
             return r
         if type_name and type_key(r) == type_name.upper():
             return r
     what = f"--file {file}" if file else f"--type {type_name}"
     verified = ", ".join(f"{type_key(r)} ({r['file']})" for r in rows)
     raise PipelineError(f"{what}: no such verified export. Verified: {verified}.")
+
+
+def files_of(row: dict) -> list[str]:
+    """The GGUF files of a verified export: one, or a base GGUF and its LoRA GGUF (10 verify records
+    them; reports written before it did: read off the row's name, `base + lora`)."""
+    return row.get("files") or row["file"].split(" + ")
 
 
 def type_key(row: dict) -> str:

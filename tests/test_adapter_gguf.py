@@ -168,6 +168,7 @@ def test_verify_names_the_pair_when_the_lora_is_swapped(verified_pairs, tmp_path
     import mlx.core as mx
 
     from pipeline.adapter_gguf import convert_lora, mlx_to_peft
+    from pipeline.export_choice import choose_export
     from pipeline.fsio import sha256_file
     from pipeline.phases.p10_verify_gguf import verify_gguf
 
@@ -198,6 +199,8 @@ def test_verify_names_the_pair_when_the_lora_is_swapped(verified_pairs, tmp_path
         assert f"{base} + t-adapter-LoRA-F16.gguf: " in message, message
     assert "the LoRA GGUF does not carry this run's adapter" in message
     assert "t-Q8_0.gguf" not in message  # the fused model's files are still right
+    with pytest.raises(PipelineError, match=r"t-Q4_1-native-base.gguf \+ t-adapter-LoRA-F16.gguf failed 10 verify"):
+        choose_export(cfg2, type_name="Q4_1-NATIVE-BASE+LORA")  # install and serve refuse the failed pair
 
 
 @pytest.mark.slow

@@ -223,7 +223,8 @@ def _measure(export: Export, ref: Reference, cfg, fused_manifest: dict) -> tuple
     """Load one GGUF (with its LoRA GGUF) in llama.cpp and measure it against its reference.
     Problems are returned, not raised, so that every file gets reported."""
     files = [export.path] + ([export.lora] if export.lora else [])
-    row = {"file": export.name, "key": export.key, "type": "?", "size_bytes": sum(f.stat().st_size for f in files),
+    row = {"file": export.name, "files": [f.name for f in files], "key": export.key, "type": "?",
+           "size_bytes": sum(f.stat().st_size for f in files),
            "path": export.kind.made_by(fused_manifest) if export.kind else "not written by 09 gguf",
            "kind": export.kind.name if export.kind else None, "kl": None, "top1_percent": None, "perplexity": None}
     try:
