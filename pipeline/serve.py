@@ -85,7 +85,7 @@ class ServerProcess:
     def log_tail(self, n: int = 15) -> str:
         return log_tail(self.log_path, n)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from export_fixtures import copy_run, make_cfg
 
+from export_fixtures import copy_run, make_cfg
 from pipeline.errors import PipelineError
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_fixtures import ALL_TYPES, converted_run, copy_run, make_cfg, make_run, rerecord
 
+from gguf_fixtures import ALL_TYPES, converted_run, copy_run, make_cfg, make_run, rerecord
 from pipeline import cli, llamacpp
 from pipeline.config import load_config
 from pipeline.errors import MissingInputError, PipelineError
@@ -199,7 +199,6 @@ def test_native_file_of_a_fuse_that_lost_the_adapter_is_left_out(export_runs):
     from export_fixtures import copy_run as copy_trained
     from export_fixtures import make_cfg as trained_cfg
     from export_fixtures import shrink_adapter
-
     from pipeline.phases.p07_fuse_lora import fuse
 
     root = export_runs.trained("llama")

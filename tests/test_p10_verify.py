@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_fixtures import converted_run, copy_run, make_cfg, make_run, rerecord, rewrite_gguf
 
+from gguf_fixtures import converted_run, copy_run, make_cfg, make_run, rerecord, rewrite_gguf
 from pipeline import cli
 from pipeline.errors import MissingInputError, PipelineError
 from pipeline.fsio import hash_model_dir

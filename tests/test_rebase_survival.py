@@ -11,8 +11,8 @@ import json
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from export_fixtures import copy_run, make_cfg, max_abs, mlx_logits, shrink_adapter
 
+from export_fixtures import copy_run, make_cfg, max_abs, mlx_logits, shrink_adapter
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.fsio import hash_model_dir
