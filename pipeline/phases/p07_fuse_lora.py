@@ -29,9 +29,9 @@ from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
 from ..hf_export import TOKENIZER_FILES, copy_tokenizer_files  # noqa: F401 (tests name them here)
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files
-from ..untrusted.safetensors_header import check_safetensors
 from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from ..survival import end_to_end, fused_layer_stats, lost, lost_message, summarize_layers, summary_lines
+from ..untrusted.safetensors_header import check_safetensors
 from .common import done, start_phase
 
 # Warn when the re-quantization error exceeds this share of the adapter's own weight change.

@@ -27,7 +27,6 @@ from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from .common import done, start_phase
 
 
-
 @dataclass
 class HFResult:
     path: Path
@@ -84,7 +83,8 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
             tmp, "08_convert_to_hf", cfg, started,
             inputs={
                 "fused": {"path": str(paths.fused),
-                          "content_hash": fused_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(paths.fused),
+                          "content_hash": (fused_manifest.get("outputs", {}).get("content_hash")
+                                           or hash_model_dir(paths.fused)),
                           "dequantized": fused_manifest.get("dequantized")},
                 "config": str(config_dir / "config.json"),
             },
