@@ -24,11 +24,11 @@ from pipeline import arch
 from pipeline.errors import PipelineError
 
 GGUF_KEYS = {**TEST_KEYS, "gguf.quantizations": ["Q8_0", "Q4_K_M"]}
-# Where the LoRA GGUF is known not to compute the adapter: for granitehybrid, llama.cpp's converter
-# permutes the base's attn_q/attn_k rows (undo_permute) but convert_lora_to_gguf leaves their LoRA B
-# unpermuted (measured: delta equal to MLX's unpermuted, pair KL 0.0205 vs base alone 1.71). Checked
-# by test_lora_gguf_of_granite_hybrid_attention_is_not_permuted until pipeline/adapter_gguf.py fixes it.
-LORA_GGUF_UNPERMUTED = {"granitehybrid"}
+# Model types whose LoRA GGUF is known not to work, each held by a strict xfail test below until
+# pipeline/adapter_gguf.py handles it: H-Micro (granitehybrid): llama.cpp's converter permutes the
+# base's attn_q/attn_k rows but convert_lora_to_gguf leaves their LoRA B in Hub order (pair KL 0.0205,
+# base alone 1.71); Micro (written as granite): llama.cpp dies with SIGSEGV loading base + LoRA.
+LORA_GGUF_BROKEN = {"granitemoehybrid"}
 PROMPT = "Ken wants 2 red lamps shipped to Oslo."
 
 
@@ -88,7 +88,7 @@ def test_chain_02_to_10(name, export_runs):
     kl_hf = _kl_mlx_vs_transformers(dfused.path, hf, ids)
 
     # 09: F16, Q8_0, Q4_K_M, native Q4_1 (second fuse without de-quantizing), LoRA GGUF.
-    lora_gguf = not experts and arch.gguf_arch_of(config) not in LORA_GGUF_UNPERMUTED
+    lora_gguf = not experts and config["model_type"] not in LORA_GGUF_BROKEN
     keys = {**GGUF_KEYS, "gguf.native": registry.native_gguf, "gguf.adapter_gguf": lora_gguf}
     cfg = make_cfg(root, run=dcfg.run, **keys)
     if experts:  # llama.cpp LoRA adapters are 2-D: the LoRA GGUF is refused, naming the expert layer
@@ -163,8 +163,8 @@ def test_dense_config_with_experts_used_is_fixed_at_02_and_llama_cpp_loads_it(ti
 
     folder = _hub_folder(tiny_hf_model, tmp_path, DENSE, num_experts_per_tok=None)
     result = fetch_base_model(make_cfg(tmp_path / "models", folder))
-    assert len(result.changes) == 1
-    assert result.changes[0].startswith("num_experts_per_tok = 0 (was left out, transformers fills 2;")
+    assert len(result.config_changes) == 1
+    assert result.config_changes[0].startswith("num_experts_per_tok = 0 (was left out, transformers fills 2;")
     assert json.loads((result.path / "config.json").read_text())["num_experts_per_tok"] == 0
     f16, q8 = tmp_path / "f16.gguf", tmp_path / "q8.gguf"
     llamacpp.convert_hf_to_gguf(result.path, f16, "f16")
@@ -195,3 +195,15 @@ def test_lora_gguf_of_granite_hybrid_attention_is_permuted_like_its_base(export_
     hub_delta = (a @ b).T
     heads, tol = config["num_attention_heads"], 2e-3 * np.abs(hub_delta).max()  # F16 rounding
     assert np.allclose(gguf_delta, hub_delta[llama_permutation(len(hub_delta), heads, heads)], atol=tol)
+
+
+@pytest.mark.xfail(strict=True, reason="llama.cpp is killed by SIGSEGV loading the Micro base GGUF with its LoRA GGUF")
+def test_lora_gguf_of_granite_micro_loads(export_runs, tmp_path):
+    from pipeline import llamacpp
+    from pipeline.adapter_gguf import convert_lora, mlx_to_peft
+
+    run = export_runs.trained("granitemoehybrid-micro") / "t"
+    mlx_to_peft(run / "adapters", tmp_path / "peft", json.loads((run / "base" / "config.json").read_text()))
+    convert_lora(tmp_path / "peft", run / "base", tmp_path / "lora.gguf")
+    llamacpp.convert_hf_to_gguf(run / "base", tmp_path / "base.gguf", "f16")
+    llamacpp.probe(tmp_path / "base.gguf", tmp_path / "lora.gguf")
