@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -147,7 +148,8 @@ class ExportConfig:
 
 @dataclass
 class GGUFConfig:
-    outtype: str = opt("f16", "Type of the first, unquantized GGUF written by llama.cpp's converter.", choices=["f16", "bf16", "f32"])
+    outtype: str = opt("f16", "Type of the first, unquantized GGUF written by llama.cpp's converter.",
+                       choices=["f16", "bf16", "f32"])
     quantizations: list = opt(
         ["Q4_K_M", "Q5_K_M", "Q8_0"],
         "GGUF types quantized from it by llama.cpp's quantizer.",

@@ -207,7 +207,8 @@ class _Glues:
 def _where(key, end: bool = False) -> str:
     before, role = key
     if end:
-        return f"after a last {role} message" + (" that is the only one" if before == START else f" after {_a(before)} one")
+        return f"after a last {role} message" + (" that is the only one" if before == START
+                                                 else f" after {_a(before)} one")
     return f"before a first {role} message" if before == START else f"between {_a(before)} and {_a(role)} message"
 
 
@@ -382,7 +383,8 @@ def _join(tokens: list) -> str:
         word = action.split()[0]
         depth -= word in ("end", "else")
         # `{{-` would eat the whitespace the glue text ends with; a newline is only added before it.
-        out.append("{{ " + action + " }}" if after_text else ("\n" if out else "") + "  " * depth + "{{- " + action + " }}")
+        out.append("{{ " + action + " }}" if after_text
+                   else ("\n" if out else "") + "  " * depth + "{{- " + action + " }}")
         depth += word in ("if", "range", "else")
         after_text = False
     return "".join(out)

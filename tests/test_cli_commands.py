@@ -76,7 +76,8 @@ def test_python_m_pipeline_cli_survives_the_blas_reexec(tmp_path):
         assert proc.returncode == 0 and "attempted relative import" not in proc.stderr, proc.stderr
         assert expect in proc.stdout
     # the re-exec really happened: the child sees OpenBLAS preloaded
-    code = "from pipeline.runtime import ensure_fast_blas; import os, sys; ensure_fast_blas(); print(os.environ['LD_PRELOAD'])"
+    code = ("from pipeline.runtime import ensure_fast_blas; import os, sys; ensure_fast_blas(); "
+            "print(os.environ['LD_PRELOAD'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0 and str(OPENBLAS) in proc.stdout, proc.stderr
 
@@ -99,4 +100,5 @@ def test_scripts_run_from_a_python_without_the_dependencies(tmp_path):
                            "--mlx-model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "hf")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "ModuleNotFoundError" not in proc.stderr, proc.stderr
-    assert "--mlx-model" in proc.stderr and "no such folder" in proc.stderr and not (tmp_path / "hf").exists(), proc.stderr
+    assert ("--mlx-model" in proc.stderr and "no such folder" in proc.stderr
+            and not (tmp_path / "hf").exists()), proc.stderr

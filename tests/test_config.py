@@ -309,7 +309,7 @@ def flag_for(key: str) -> str:
 
 def test_command_table_matches_cli():
     assert set(cli.main.commands) == set(cli.COMMANDS)
-    for name, (target, sections, keys, summary) in cli.COMMANDS.items():
+    for name, (target, _sections, keys, summary) in cli.COMMANDS.items():
         assert ":" in target, name
         assert summary, name
         for key in keys:

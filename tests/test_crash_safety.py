@@ -96,7 +96,8 @@ write_jsonl(args["final"], rows)
 SAFETENSORS = '''
 import mlx.core as mx
 from pipeline.fsio import atomic_path
-arrays = {f"w{i}": mx.random.normal((256, 1024), key=mx.random.key(100 * args["version"] + i)) for i in range(args["n"])}
+arrays = {f"w{i}": mx.random.normal((256, 1024), key=mx.random.key(100 * args["version"] + i))
+          for i in range(args["n"])}
 mx.eval(arrays)
 go()
 with atomic_path(args["final"], suffix=".safetensors", expected_bytes=args.get("expected")) as tmp:  # as 07/08
@@ -463,7 +464,8 @@ def test_hf_export_refused_up_front_when_the_disk_is_too_small(tmp_path, hf_sour
     script = (f"mount -t tmpfs -o size={run_size + export // 2} tmpfs {mnt} && cp -a {hf_source / 't'} {mnt}/t "
               f"&& exec \"$@\"")
     argv = ["hf", "--models-dir", str(mnt), "--run", "t", "--dtype", "float32"]
-    r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-c", child_code(CLI), json.dumps({"argv": argv})], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-c", child_code(CLI),
+                        json.dumps({"argv": argv})], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert f"Not enough free disk space for the Hugging Face export (float32) in {mnt / 't'}" in r.stderr, r.stderr
     assert "short by" in r.stderr and "MODELS_DIR" in r.stderr
@@ -515,11 +517,13 @@ def test_output_folder_inside_the_input_folder_is_refused(tmp_path, tokenizer_ba
         (src / f"{s}.jsonl").write_text("".join(json.dumps({"text": f"{s} {i}"}) + "\n" for i in range(6)))
     shutil.copytree(tokenizer_base, src / "models" / "t" / "base")
     cfg = load_config(None, {"models_dir": str(src / "models"), "run": "t", "data.source": str(src)}, env={})
-    with pytest.raises(PipelineError, match=rf"output folder {src / 'models' / 't' / 'data'} is inside data.source {src}"):
+    with pytest.raises(PipelineError,
+                       match=rf"output folder {src / 'models' / 't' / 'data'} is inside data.source {src}"):
         prepare_data(cfg)
     assert not (src / "models" / "t" / "data").exists()
     with pytest.raises(PipelineError, match="inside the output folder"):
-        check_not_inside(tmp_path / "models" / "t" / "base", tmp_path / "models" / "t" / "base" / "orig", "model.source")
+        check_not_inside(tmp_path / "models" / "t" / "base", tmp_path / "models" / "t" / "base" / "orig",
+                         "model.source")
     check_not_inside(tmp_path / "models", tmp_path / "model-src", "model.source")  # siblings are fine
 
 

@@ -157,7 +157,8 @@ def test_path_form_never_replaces_inputs_or_foreign_folders(trained, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    refused(run(HF, "--mlx-model", trained / "base-quantized", "--output-dir", mine), "did not write", "Nothing was changed")
+    refused(run(HF, "--mlx-model", trained / "base-quantized", "--output-dir", mine), "did not write",
+            "Nothing was changed")
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "x-Q8_0.gguf").write_bytes(b"user's own file")

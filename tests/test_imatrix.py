@@ -41,7 +41,8 @@ def test_imatrix_is_computed_from_the_chat_rendered_training_split(imatrix_run):
     cfg, result = imatrix_run
     folder = Path(cfg.models_dir) / cfg.run / "imatrix"
     text = (folder / "calibration.txt").read_text()
-    train = [json.loads(line) for line in (Path(cfg.models_dir) / cfg.run / "data" / "train.jsonl").read_text().splitlines()]
+    train = [json.loads(line)
+             for line in (Path(cfg.models_dir) / cfg.run / "data" / "train.jsonl").read_text().splitlines()]
     # Rendered through the chat template: the special tokens are there, and every training answer.
     assert "<|im_start|>assistant" in text
     assert all(row["messages"][-1]["content"] in text for row in train)

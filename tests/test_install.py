@@ -13,15 +13,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from gguf_fixtures import converted_run, copy_run
-from test_ollama_template import go_render  # noqa: F401  (the Go renderer fixture)
 
+from gguf_fixtures import converted_run, copy_run
 from pipeline.data.sample_task import SYSTEM, generate_rows
 from pipeline.errors import MissingInputError, PipelineError
 from pipeline.export_choice import _best, _pick
 from pipeline.fsio import write_jsonl
 from pipeline.phases.p10_verify_gguf import verify_gguf
 from pipeline.phases.p11_install_model import install_model
+from test_ollama_template import go_render as go_render  # the Go renderer fixture (an explicit re-export)
 
 # The demo's verify table (README), as report rows: the rules must pick as a user would.
 DEMO = [("F16", 270.9, 8.4e-6, 100), ("Q8_0", 144.8, 7.0e-3, 100), ("Q5_K_M-imatrix", 112.1, 5.3e-2, 100),
@@ -182,10 +182,9 @@ def test_make_install_on_a_trained_smollm2(shipped_run, go_render, tmp_path):
     prompt the GGUF's own Jinja template gives for the test chats."""
     import subprocess
 
-    from test_ollama_template import jinja_prompt
-
-    from pipeline.ollama_template import ollama_data
     from pipeline.llamacpp import gguf_chat_metadata
+    from pipeline.ollama_template import ollama_data
+    from test_ollama_template import jinja_prompt
 
     cfg = shipped_run.cfg
     env = {k: v for k, v in os.environ.items() if k not in ("TEST_MODE", "RUN", "MODELS_DIR", "TYPE")}

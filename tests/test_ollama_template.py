@@ -265,7 +265,8 @@ def test_a_template_that_moves_later_system_messages_translates_without_them(go_
 
 def test_refused_conversations_are_a_warning(go_render):
     jinja = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-             "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+             "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+             "{% if add_generation_prompt %}<assistant>{% endif %}")
     tokens = {"bos_token": "", "eos_token": ""}
     result = to_ollama(jinja, tokens, add_bos=False)
     assert any("no system role" in w and "start->system" in w for w in result.warnings)

@@ -78,7 +78,8 @@ def test_hf_export_matches_the_fused_mlx_model(export_runs, model_type, dequanti
     # The checkpoint's own form: the base's tensor names, config and tokenizer files.
     names, meta = _safetensors(result.path)
     base_names, _ = _safetensors(run / "base")
-    assert set(names) == set(base_names) - ({"lm_head.weight"} if fixture_config(model_type)["tie_word_embeddings"] else set())
+    assert set(names) == set(base_names) - ({"lm_head.weight"} if fixture_config(model_type)["tie_word_embeddings"]
+                                            else set())
     assert ("lm_head.weight" in names) == (not fixture_config(model_type)["tie_word_embeddings"])
     assert all(m == {"format": "pt"} for m in meta.values())
     assert len(meta) > 1

@@ -107,7 +107,8 @@ def logged_steps(work: Path) -> list[int]:
         text = (work / "train_log.jsonl").read_text()
     except FileNotFoundError:
         return []
-    return [json.loads(line)["step"] for line in text.splitlines() if line.strip().endswith("}") and "train_loss" in line]
+    return [json.loads(line)["step"] for line in text.splitlines()
+            if line.strip().endswith("}") and "train_loss" in line]
 
 
 def read_log(adapters: Path) -> list[dict]:

@@ -24,8 +24,15 @@ from pipeline.config import load_config
 from pipeline.data.formats import prompt_and_answer
 from pipeline.errors import PipelineError
 from pipeline.metrics import score_answers
-from pipeline.serve import (NO_PENALTY, ServerProcess, check_port_free, server_command, serve, start_server,
-                            training_system_prompt)
+from pipeline.serve import (
+    NO_PENALTY,
+    ServerProcess,
+    check_port_free,
+    serve,
+    server_command,
+    start_server,
+    training_system_prompt,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +53,8 @@ def ask(server: ServerProcess, rows: list[dict], max_tokens: int, system: bool =
     answers, refs, prompt_tokens = [], [], []
     for row in rows:
         messages, answer = prompt_and_answer(row)
-        r = client.chat.completions.create(model=server.model, messages=messages if system else without_system(messages),
+        r = client.chat.completions.create(model=server.model,
+                                           messages=messages if system else without_system(messages),
                                            temperature=0, max_tokens=max_tokens, extra_body=NO_PENALTY)
         answers.append((r.choices[0].message.content or "").strip())
         refs.append(answer)
@@ -236,7 +244,8 @@ def test_server_command_uses_real_server_flags_and_the_gguf_template():
 
 @pytest.mark.parametrize("rows, expected", [
     ([[("system", "S"), ("user", "a"), ("assistant", "b")], [("system", "S"), ("user", "c"), ("assistant", "d")]], "S"),
-    ([[("system", "S"), ("user", "a"), ("assistant", "b")], [("system", "T"), ("user", "c"), ("assistant", "d")]], None),
+    ([[("system", "S"), ("user", "a"), ("assistant", "b")],
+      [("system", "T"), ("user", "c"), ("assistant", "d")]], None),
     ([[("system", "S"), ("user", "a"), ("assistant", "b")], [("user", "c"), ("assistant", "d")]], None),
     ([], None),
 ])

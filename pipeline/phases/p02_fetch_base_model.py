@@ -149,7 +149,8 @@ def copy_local(src: Path, out: Path) -> dict:
         raise MissingInputError(f"{src} has no config.json: not a Hugging Face model folder.")
     if not list(src.glob("*.safetensors")):
         pickles = sorted(p.name for pattern in PICKLES for p in src.glob(pattern))
-        hint = f" It has {', '.join(pickles)}: pickle checkpoints are not loaded (they can run code); convert them to safetensors first." if pickles else ""
+        hint = (f" It has {', '.join(pickles)}: pickle checkpoints are not loaded (they can run code); "
+                "convert them to safetensors first." if pickles else "")
         raise MissingInputError(f"{src} has no *.safetensors weights.{hint}")
     for f in sorted(src.glob("*.safetensors")):
         check_safetensors(f)
@@ -166,7 +167,8 @@ def _custom_code(src: Path) -> str:
     """What custom code the folder ships ('' if none). We never pass trust_remote_code, so a model
     only its own code implements is refused; a registry architecture is loaded by our implementation."""
     cfg = _read_json(src / "config.json")
-    code = ", ".join(sorted(p.name for p in src.glob("*.py")) + (["auto_map in config.json"] if "auto_map" in cfg else []))
+    code = ", ".join(sorted(p.name for p in src.glob("*.py"))
+                     + (["auto_map in config.json"] if "auto_map" in cfg else []))
     if not code:
         return ""
     model_type = cfg.get("model_type")
@@ -199,7 +201,8 @@ def download_hub(repo_id: str, revision: str | None, out: Path) -> dict:
     info = copy_local(cached, out)
     info.update(kind="hub", repo_id=repo_id, revision=revision, commit=cached.name)
     if revision is None:
-        click.secho(f"note: {repo_id} is not pinned; resolved commit {cached.name}. Set model.revision to pin it.", fg="yellow")
+        click.secho(f"note: {repo_id} is not pinned; resolved commit {cached.name}. Set model.revision to pin it.",
+                    fg="yellow")
     return info
 
 
@@ -212,7 +215,8 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         # Downloaded into the Hub cache (resumable, .incomplete files), then copied here.
         # local_files_only when offline: no socket even if huggingface_hub was imported before the variable was set.
-        cached = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+        cached = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                        local_files_only=offline))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise MissingInputError(

@@ -288,9 +288,11 @@ def _datasets(data_dir: Path, tokenizer, t):
 
     train_rows, valid_rows = load("train"), load("valid")
     if len(train_rows) < t.batch_size:
-        raise DataError(f"train split has {len(train_rows)} rows, fewer than train.batch_size {t.batch_size}. Add data or lower --batch-size.")
+        raise DataError(f"train split has {len(train_rows)} rows, fewer than train.batch_size {t.batch_size}. "
+                        "Add data or lower --batch-size.")
     if len(valid_rows) < t.batch_size:
-        raise DataError(f"valid split has {len(valid_rows)} rows, fewer than train.batch_size {t.batch_size}. Add data or lower --batch-size.")
+        raise DataError(f"valid split has {len(valid_rows)} rows, fewer than train.batch_size {t.batch_size}. "
+                        "Add data or lower --batch-size.")
     options = types.SimpleNamespace(mask_prompt=t.mask_prompt and "text" not in train_rows[0])
     return (CacheDataset(create_dataset(train_rows, tokenizer, options)),
             CacheDataset(create_dataset(valid_rows, tokenizer, options)))
@@ -391,7 +393,8 @@ def _loop(model, optimizer, train_set, valid_set, cfg, work: Path, save, resume_
                         "trained_tokens": acc["trained_tokens"], "peak_memory_gb": round(peak, 3),
                     }
                     if not math.isfinite(row["train_loss"]):
-                        raise PipelineError(f"training diverged at step {it} (loss {row['train_loss']}). Lower --learning-rate.")
+                        raise PipelineError(f"training diverged at step {it} (loss {row['train_loss']}). "
+                                            "Lower --learning-rate.")
                     record(row)
                     acc.update(losses=[], tokens=0, seconds=0.0)
                 stopping = stop.signum  # read once: a signal arriving later stops after the next step

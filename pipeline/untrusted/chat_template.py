@@ -235,7 +235,8 @@ def render_chat(template: str, messages: list[dict], special_tokens: dict, add_g
     token = _BUDGET.set(_Budget())
     out, size = [], 0
     try:
-        for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens):
+        for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       **special_tokens):
             size += len(chunk)
             if size > MAX_SIZE:
                 raise TemplateLimitError(f"its output passed the {MAX_SIZE:,}-character limit")

@@ -19,7 +19,8 @@ from gguf.constants import GGML_QUANT_SIZES  # ggml type id -> (block size, byte
 
 from ..errors import UntrustedFileError
 
-FIX = "It is not a readable GGUF file (damaged, truncated or hostile): re-download it, or re-export it with llama.cpp's converter."
+FIX = ("It is not a readable GGUF file (damaged, truncated or hostile): re-download it, "
+       "or re-export it with llama.cpp's converter.")
 STRING, ARRAY = 8, 9
 # value type id -> size in bytes (uint8, int8, uint16, int16, uint32, int32, float32, bool, uint64, int64, float64)
 SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}

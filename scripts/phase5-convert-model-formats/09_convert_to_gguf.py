@@ -1,4 +1,5 @@
-"""python scripts/phase5-convert-model-formats/09_convert_to_gguf.py --hf-model hf-model --output gguf/my-model --quantization Q4_K_M
+"""python scripts/phase5-convert-model-formats/09_convert_to_gguf.py \
+    --hf-model hf-model --output gguf/my-model --quantization Q4_K_M
 
 Same as `mlx-pipeline gguf` (without --hf-model: the run's hf/ to gguf/); `--help` lists every option.
 """
