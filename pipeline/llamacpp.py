@@ -45,7 +45,8 @@ PACKAGE = f"llama-cpp-python=={VERSION}"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # What the converter needs from the sdist's vendor/llama.cpp/ (plus the LoRA converter).
 FILES = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE",
-         "models/templates"]  # the chat templates of real models (Llama 3, Granite): tests render them
+         "models/templates",  # the chat templates of real models (Llama 3, Granite): tests render them
+         "models/ggml-vocab-qwen2.gguf"]  # Qwen2's vocabulary: the tiny qwen2 test model's tokenizer
 CONVERTER = "convert_hf_to_gguf.py"
 TOOLS = ["llama-imatrix", "llama-quantize"]
 SETUP_HINT = "Run `make setup` (or `python -m pipeline.llamacpp fetch`)."

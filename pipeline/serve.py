@@ -127,6 +127,7 @@ def start_server(gguf: Path, lora: Path | None = None, host: str = "127.0.0.1", 
     while loading, or one that never answers raises PipelineError with the tail of its log."""
     check_server_installed()
     check_port_free(host, port)
+    llamacpp.probe(gguf, lora)  # a file llama.cpp aborts on fails here, with its assert line
     if log_path is None:
         log_path = Path(tempfile.gettempdir()) / f"mlx-pipeline-serve-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def server_env(host: str, port: int) -> dict:
 
     names = {n.lower() for n in Settings.model_fields} | {"config_file"}
     env = {k: v for k, v in os.environ.items() if k.lower() not in names}
-    env.update(HOST=host, PORT=str(port))
+    env.update(HOST=host, PORT=str(port), GGML_NO_BACKTRACE="1")  # an abort's log tail: its assert, not gdb
     return env
 
 

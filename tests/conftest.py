@@ -3,14 +3,15 @@
 - `smollm2_tokenizer_dir`: the SmolLM2 tokenizer (from the embedded GGUF) saved as a Hugging Face
   tokenizer folder. Nothing is downloaded.
 - `tiny_hf_model`: a factory `make(name) -> Path` building a tiny random model with real
-  transformers from `tests/fixtures/configs/<name>.json` (hidden 64, 2-4 layers, the SmolLM2
-  vocabulary), cached per name. A file is named by its `model_type`, or `<model_type>-<variant>`
-  for another shape of the same architecture (granitemoehybrid-moe, llama-3): the model_type is
-  always read from the file. The folder holds safetensors weights, the tokenizer and a
-  config.json in the Hub form (top-level `rope_theta`, granitemoehybrid `layer_types` as
-  mamba/attention): transformers 5 `save_pretrained` writes `rope_parameters` and renamed layer
-  types, which mlx-lm 0.32 rejects or misreads (PLATFORM_NOTES.md), so the fixture file is written
-  back over it. Both mlx-lm and transformers load every such folder.
+  transformers from `tests/fixtures/configs/<name>.json` (hidden 64, 2-6 layers, the SmolLM2
+  vocabulary unless VOCAB_GGUF names another), cached per name. A file is named by its
+  `model_type`, or `<model_type>-<variant>` for another shape of the same architecture
+  (granitemoehybrid-moe, llama-3): the model_type is always read from the file. The folder
+  holds safetensors weights, the tokenizer and a config.json in the Hub form (top-level
+  `rope_theta`, granitemoehybrid `layer_types` as mamba/attention): transformers 5
+  `save_pretrained` writes `rope_parameters` and renamed layer types, which mlx-lm 0.32 rejects
+  or misreads (PLATFORM_NOTES.md), so the fixture file is written back over it. Both mlx-lm and
+  transformers load every such folder.
 - `fresh_env`: an empty environment for `load_config(..., env=...)`, so the developer's shell
   (LORA_RANK, TEST_MODE, ...) cannot leak into config tests.
 """
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 # Trained/fused tiny runs shared by the export tests (phases 07-10), registered here once.
 from export_fixtures import export_runs  # noqa: F401
 from shipped_fixtures import shipped_run  # noqa: F401
@@ -33,12 +35,35 @@ TINY_FIXTURES = sorted(p.stem for p in FIXTURE_CONFIGS.glob("*.json"))
 TINY_MODEL_TYPES = sorted({json.loads(p.read_text())["model_type"] for p in FIXTURE_CONFIGS.glob("*.json")})
 
 
+# Architectures whose tiny model needs its family's own tokenizer instead of SmolLM2's: transformers 5
+# gives a qwen2 folder its Qwen2 tokenizer class whatever the files say, and llama.cpp's converter
+# recognises that pre-tokenizer only with Qwen2's vocabulary (a vocabulary-only GGUF in llama.cpp's
+# models/, extracted by `make setup`). (model_type -> (vocabulary GGUF, eos token))
+VOCAB_GGUF = {"qwen2": ("ggml-vocab-qwen2.gguf", "<|im_end|>")}
+# llama.cpp's phi3 converter reads a BPE vocabulary only when tokenizer_class is GPT2Tokenizer
+# (Phi-4-mini's own value); otherwise it asks for a sentencepiece tokenizer.model.
+TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer"}
+
+
 def fixture_config(name: str) -> dict:
     """The Hub-style config.json of a tiny fixture model (`name`: a file stem, see TINY_FIXTURES)."""
     path = FIXTURE_CONFIGS / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"No fixture config {path}; add one to build a tiny {name} model.")
     return json.loads(path.read_text())
+
+
+def vocab_tokenizer_dir(model_type: str, out: Path) -> Path:
+    """The Hugging Face tokenizer of llama.cpp's vocabulary-only GGUF for `model_type` (VOCAB_GGUF)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.llamacpp import require_converter
+
+    name, eos = VOCAB_GGUF[model_type]
+    tok = AutoTokenizer.from_pretrained(str(require_converter() / "models"), gguf_file=name)
+    tok.eos_token = eos
+    tok.save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +98,10 @@ def build_tiny_model(name: str, out: Path, tokenizer_dir: Path | None = None, se
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, out / f.name)
+        if cfg["model_type"] in TOKENIZER_CLASS:
+            tc = json.loads((out / "tokenizer_config.json").read_text())
+            tc["tokenizer_class"] = TOKENIZER_CLASS[cfg["model_type"]]
+            (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
     # Hub form: the fixture file itself (rope_theta, mamba/attention), plus the dtype keys.
     hub = dict(cfg)
     hub.setdefault("architectures", list(model.config.architectures or []))
@@ -80,7 +109,7 @@ def build_tiny_model(name: str, out: Path, tokenizer_dir: Path | None = None, se
     hub["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(hub, indent=2) + "\n")
     if tokenizer_dir is not None:
-        warm_up(out, tokenizer_dir)
+        warm_up(out, out)
     return out
 
 
@@ -138,7 +167,11 @@ def tiny_hf_model(tmp_path_factory, smollm2_tokenizer_dir):
     def make(name: str) -> Path:
         if name not in cache:
             out = tmp_path_factory.mktemp(f"tiny-{name}")
-            cache[name] = build_tiny_model(name, out, smollm2_tokenizer_dir)
+            model_type = fixture_config(name)["model_type"]
+            tokenizer = smollm2_tokenizer_dir
+            if model_type in VOCAB_GGUF:
+                tokenizer = vocab_tokenizer_dir(model_type, tmp_path_factory.mktemp(f"tokenizer-{model_type}"))
+            cache[name] = build_tiny_model(name, out, tokenizer)
         return cache[name]
 
     return make

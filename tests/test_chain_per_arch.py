@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import TINY_FIXTURES, fixture_config
 from export_fixtures import make_cfg
 from gguf_fixtures import TEST_KEYS
-
 from pipeline import arch
 from pipeline.errors import PipelineError
 
@@ -102,7 +102,8 @@ def test_chain_02_to_10(name, export_runs):
 
     written = GGUFReader(str(gguf.files["F16"])).fields["general.architecture"].contents()
     assert written == arch.gguf_arch_of(config)
-    assert arch.from_gguf_arch(written).model_type in ("granite", config["model_type"])
+    # 02 imports such a GGUF back as the registered type that writes it (mistral's GGUF says llama).
+    assert arch.from_gguf_arch(written).gguf_arch == written
 
     # 10: every file measured in llama.cpp against the MLX fused model.
     result = verify_gguf(cfg)

@@ -70,7 +70,7 @@ def template_token_counts(gguf: Path, rows: list[dict], system: bool) -> list[in
     """Prompt lengths when rendered with the GGUF's own chat template (as 10 verify renders it)."""
     import llama_cpp
 
-    from pipeline.phases.p10_verify_gguf import gguf_metadata
+    from pipeline.agreement import gguf_metadata
     from pipeline.untrusted import render_chat
 
     llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)

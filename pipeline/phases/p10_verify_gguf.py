@@ -25,7 +25,6 @@ from pathlib import Path
 import click
 
 from .. import agreement, gguf_kinds, llamacpp
-from ..agreement import gguf_metadata  # noqa: F401 (tests read a GGUF's metadata through 10)
 from ..data.formats import prompt_and_answer
 from ..errors import MissingInputError, PipelineError
 from ..fsio import human_size, sha256_file, write_json, write_text
@@ -39,9 +38,6 @@ from ..survival import MAX_KL_RATIO
 from ..untrusted.chat_template import compile_template as _jinja  # noqa: F401
 from ..untrusted.chat_template import render_chat
 from .common import done, start_phase
-
-load_gguf = llamacpp.open_gguf  # the name tests/test_gguf_native.py opens a GGUF by
-
 
 
 @dataclass
