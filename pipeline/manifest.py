@@ -79,7 +79,8 @@ def read_manifest(out_dir: str | Path, make_target: str, verify: bool = True) ->
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise MissingInputError(f"{path} is corrupt ({e}). Delete {out_dir} and run `make {make_target}` again.") from None
+        raise MissingInputError(f"{path} is corrupt ({e}). Delete {out_dir} and run `make {make_target}` "
+                                "again.") from None
     if verify:
         verify_outputs(out_dir, manifest, make_target)
     return manifest

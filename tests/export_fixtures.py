@@ -88,7 +88,8 @@ class ExportRuns:
         """Float32 logits of the quantized base alone and with the adapter loaded (mlx-lm's layers)."""
         if model_type not in _REFERENCE:
             run = self.trained(model_type) / "t"
-            _REFERENCE[model_type] = (mlx_logits(run / "base-quantized"), mlx_logits(run / "base-quantized", run / "adapters"))
+            _REFERENCE[model_type] = (mlx_logits(run / "base-quantized"),
+                                      mlx_logits(run / "base-quantized", run / "adapters"))
         return _REFERENCE[model_type]
 
     def fused(self, model_type: str, dequantize: bool, dtype: str = "bfloat16"):

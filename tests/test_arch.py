@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from conftest import FIXTURE_CONFIGS, TINY_FIXTURES, TINY_MODEL_TYPES, fixture_config
 from pipeline import arch
 from pipeline.errors import PipelineError
 from pipeline.modeling import dequantize_layers, load_model
-
-from conftest import FIXTURE_CONFIGS, TINY_FIXTURES, TINY_MODEL_TYPES, fixture_config
 
 # Token ids of the SmolLM2 vocabulary, including bos/eos and the last id.
 IDS = [1, 504, 3458, 282, 4649, 314, 2114, 47, 2, 9000, 49151, 17]

@@ -5,8 +5,8 @@ themselves are run for real by test_arch.py and test_chain_per_arch.py over thei
 from __future__ import annotations
 
 import pytest
-from conftest import fixture_config
 
+from conftest import fixture_config
 from pipeline import arch
 from pipeline.errors import PipelineError
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf_fixtures import make_cfg, make_run
 
+from gguf_fixtures import make_cfg, make_run
 from pipeline.errors import PipelineError
 from pipeline.gguf_native import FP16_EPS, FP16_SUBNORMAL, llama_permutation, write_native_gguf
 

@@ -14,8 +14,8 @@ import click
 
 from ..errors import PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, is_disk_full, safetensors_numel
-from ..modeling import check_weight_files
 from ..manifest import read_manifest, write_manifest
+from ..modeling import check_weight_files
 from ..paths import RunPaths
 from .common import done, start_phase
 
