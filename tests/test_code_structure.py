@@ -1,6 +1,7 @@
 """How pipeline/ is put together, read with `ast` (nothing imported): library modules never import a
 phase, no module imports another module's private names, no import cycle (function-level imports
-count), and one log-softmax (pipeline/agreement.py) for every model-against-model measurement."""
+count), one log-softmax (pipeline/agreement.py) for every model-against-model measurement, and
+ruff's configuration (pyproject.toml) holds for the whole project."""
 
 from __future__ import annotations
 
@@ -109,3 +110,14 @@ def test_one_log_softmax(pattern):
                     and name != "pipeline.agreement"):
                 defining.append(f"{name}:{node.lineno} exp(...).sum(...)")
     assert defining in ([], ["pipeline.agreement.log_softmax"]), defining
+
+
+def test_ruff_passes():
+    """The ruff configuration in pyproject.toml holds for the whole project (ruff is in the test extra)."""
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).parent / "ruff"
+    assert ruff.is_file(), f"{ruff} is missing: `make setup` installs the test extra, which has ruff"
+    proc = subprocess.run([str(ruff), "check", "--no-cache", str(PACKAGE.parent)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
