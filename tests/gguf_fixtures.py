@@ -77,8 +77,9 @@ def converted_run(tmp_path_factory, tiny_hf_model, model_type: str):
     return _CONVERTED[model_type]
 
 
-def rewrite_gguf(src: Path, dst: Path, changes: dict) -> None:
-    """Copy a GGUF, replacing the values of the metadata keys in `changes` (value or fn(old) -> new)."""
+def rewrite_gguf(src: Path, dst: Path, changes: dict, add_uint32: dict | None = None) -> Path:
+    """Copy a GGUF, replacing the values of the metadata keys in `changes` (value or fn(old) -> new)
+    and adding the uint32 keys of `add_uint32` ("{arch}" in a key is the file's architecture)."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     reader = GGUFReader(str(src))
@@ -94,6 +95,8 @@ def rewrite_gguf(src: Path, dst: Path, changes: dict) -> None:
         kind = field.types[0]
         sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, kind, sub_type=sub)
+    for key, value in (add_uint32 or {}).items():
+        writer.add_uint32(key.format(arch=arch), value)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
@@ -102,3 +105,4 @@ def rewrite_gguf(src: Path, dst: Path, changes: dict) -> None:
     for t in reader.tensors:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
     writer.close()
+    return dst

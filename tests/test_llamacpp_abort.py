@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_fixtures import converted_run, make_run
+from gguf_fixtures import converted_run, make_run, rewrite_gguf
 from pipeline import llamacpp
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_path
@@ -29,28 +29,8 @@ BACKTRACE = ("#0 ", "#1 ", "Inferior", "backtrace", "libggml", "Aborted")
 
 
 def with_experts_used(src: Path, dst: Path, used: int = 2) -> Path:
-    """Copy a GGUF adding `<arch>.expert_used_count` (gguf-py reader + writer)."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
-
-    reader = GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    writer = GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        kind = field.types[0]
-        writer.add_key_value(field.name, field.contents(), kind,
-                             sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
-    writer.add_uint32(f"{arch}.expert_used_count", used)
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-    writer.close()
-    return dst
+    """Copy a GGUF adding `<arch>.expert_used_count` without experts: llama.cpp asserts on it."""
+    return rewrite_gguf(src, dst, {}, add_uint32={"{arch}.expert_used_count": used})
 
 
 @pytest.fixture(scope="session")
