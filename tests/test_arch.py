@@ -68,6 +68,7 @@ def test_normalise_transformers5_form_by_hand():
         "num_local_experts": 0,
         "num_experts_per_tok": 0,
         "shared_intermediate_size": 128,
+        "position_embedding_type": "nope",
     }
     changes = arch.normalise_config(cfg)
     assert cfg["rope_theta"] == 10000

@@ -88,3 +88,19 @@ def test_phi3_transformers5_form():
 def test_phi3_scaling_mlx_lm_would_drop_is_refused():
     with pytest.raises(PipelineError, match="yarn"):
         arch.normalise_config(_phi3({"type": "yarn", "factor": 4.0}))
+
+
+def test_hybrid_granite_with_rope_is_refused():
+    """llama.cpp's converter writes no RoPE for a model with mamba layers: a `rope` hybrid config
+    would export to a GGUF computing another function, so 02 refuses it, naming the key."""
+    cfg = {"model_type": "granitemoehybrid", "layer_types": ["mamba", "attention"], "num_local_experts": 0,
+           "num_experts_per_tok": 0, "shared_intermediate_size": 128, "position_embedding_type": "rope"}
+    with pytest.raises(PipelineError, match="position_embedding_type.*nope"):
+        arch.normalise_config(cfg)
+    del cfg["position_embedding_type"]  # mlx-lm's default is rope
+    with pytest.raises(PipelineError, match="position_embedding_type"):
+        arch.normalise_config(cfg)
+    cfg["position_embedding_type"] = "nope"
+    assert arch.normalise_config(cfg) == []
+    micro = {**cfg, "layer_types": ["attention", "attention"], "position_embedding_type": "rope"}
+    assert arch.normalise_config(micro) == []  # all attention (Micro): converted as granite, with RoPE

@@ -25,7 +25,20 @@ def normalise(cfg: dict) -> list[str]:
     if isinstance(types, list) and any(t in _LAYER_TYPES for t in types):
         cfg["layer_types"] = [_LAYER_TYPES.get(t, t) for t in types]
         changes.append("layer_types renamed to mamba/attention")
+    _check_rope(cfg)
     return changes + _normalise_experts(cfg)
+
+
+def _check_rope(cfg: dict) -> None:
+    """llama.cpp's converter writes no RoPE for a model with mamba layers (Granite 4.0 H checkpoints
+    say `nope`); mlx-lm and transformers apply it when the config says `rope`: refused, not exported wrong."""
+    hybrid = "mamba" in (cfg.get("layer_types") or [])
+    if hybrid and cfg.get("position_embedding_type", "rope") == "rope":  # mlx-lm's default is rope
+        raise PipelineError(
+            "config.json: position_embedding_type is 'rope' (or left out, which mlx-lm reads as rope) in a model "
+            "with mamba layers: llama.cpp's converter drops RoPE for hybrid Granite models, so its GGUF would "
+            "compute another function. Granite 4.0 H checkpoints say \"position_embedding_type\": \"nope\"; "
+            "set that if this is one.")
 
 
 def _normalise_experts(cfg: dict) -> list[str]:
