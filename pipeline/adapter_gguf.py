@@ -1,7 +1,8 @@
 """The MLX LoRA adapter as a llama.cpp LoRA adapter GGUF (llama.cpp `--lora`, Ollama `ADAPTER`).
 
 Path: MLX adapter -> PEFT folder -> llama.cpp's own `convert_lora_to_gguf.py` (pinned release,
-its gguf-py first, as pipeline/llamacpp.py runs the main converter).
+its gguf-py first, as pipeline/llamacpp.py runs the main converter), its model class given the
+hparams the base GGUF's conversion used (_LORA_BOOTSTRAP: Granite 4.0 H-Micro / Micro need it).
 
 Math. mlx-lm's LoRALinear computes y = W x + scale * (x @ lora_a) @ lora_b with lora_a (in x r)
 and lora_b (r x out), so delta W (out x in) = scale * lora_b.T @ lora_a.T. PEFT computes
@@ -100,6 +101,7 @@ def mlx_to_peft(adapter_dir: Path, out_dir: Path, base_config: dict, base_name: 
             raise PipelineError(f"{weights_file}: unexpected tensor '{name}' (only lora_a / lora_b of a dense "
                                 "LoRA export to llama.cpp).")
         modules[module][leaf] = value
+    _refuse_experts(modules, weights_file)
     tied = bool(base_config.get("tie_word_embeddings", False))
     peft: dict[str, np.ndarray] = {}
     targets: set[str] = set()
@@ -115,9 +117,6 @@ def mlx_to_peft(adapter_dir: Path, out_dir: Path, base_config: dict, base_name: 
             raise PipelineError("The adapter trains lm_head but the base ties it to the token embedding: "
                                 "llama.cpp's base GGUF has no separate output.weight to adapt "
                                 "(convert_lora_to_gguf refuses it). Fuse the adapter instead.")
-        if a.ndim != 2 or b.ndim != 2:
-            raise PipelineError(f"{module}: {a.ndim}-D LoRA tensors (mixture-of-experts layers) are not supported "
-                                "by llama.cpp LoRA adapters; fuse the adapter instead.")
         if a.shape[1] != rank or b.shape[0] != rank:
             raise PipelineError(f"{module}: lora_a {a.shape} / lora_b {b.shape} do not have rank {rank}.")
         prefix = f"base_model.model.{module}"
@@ -139,14 +138,66 @@ def mlx_to_peft(adapter_dir: Path, out_dir: Path, base_config: dict, base_name: 
             "adapter_parameters": int(sum(v.size for v in peft.values()))}
 
 
+# convert_lora_to_gguf.py hands its model class the base's hparams as transformers' AutoConfig reads
+# them, while convert_hf_to_gguf.py lets the class read them itself; Mamba2-derived classes
+# (GraniteHybridModel: Granite 4.0 H-*, Micro; Bamba) read the raw config.json. transformers 5
+# rewrites granitemoehybrid `layer_types` mamba/attention as linear_attention/full_attention, so in
+# the LoRA converter GraniteHybridModel finds no attention layer and takes every layer for Mamba:
+# attn_q/attn_k LoRA skip the RoPE row permutation the base got (H-Micro: pair KL 0.02), and an
+# all-attention model (Micro) stays `granitehybrid` while its base is written as `granite`
+# (llama.cpp: SIGSEGV loading the pair). This bootstrap runs the script unchanged, giving such
+# classes the raw config.json, exactly what the base conversion saw.
+_LORA_BOOTSTRAP = """
+import json, os, runpy, sys
+from pathlib import Path
+script = Path(sys.argv[1])
+sys.argv = [str(script)] + sys.argv[2:]
+sys.path.insert(0, str(script.parent))
+if 'NO_LOCAL_GGUF' not in os.environ:
+    sys.path.insert(1, str(script.parent / 'gguf-py'))
+from conversion import ModelBase, get_model_class
+from conversion.mamba import Mamba2Model
+_load = ModelBase.load_hparams
+def load_hparams(dir_model, is_mistral_format):
+    hparams = _load(dir_model, is_mistral_format)
+    raw_file = Path(dir_model) / 'config.json'
+    if is_mistral_format or not raw_file.is_file():
+        return hparams
+    raw = json.loads(raw_file.read_text())
+    try:
+        cls = get_model_class((raw.get('architectures') or [''])[0])
+    except NotImplementedError:
+        return hparams
+    return raw if issubclass(cls, Mamba2Model) else hparams
+ModelBase.load_hparams = staticmethod(load_hparams)
+runpy.run_path(str(script), run_name='__main__')
+"""
+
+
+def _refuse_experts(modules: dict[str, dict], weights_file: Path) -> None:
+    """Mixture-of-experts LoRA (mlx-lm's LoRASwitchLinear: lora_b [experts, out, r], and in mlx-lm 0.32
+    lora_a [experts, r, in] too) has no llama.cpp LoRA form: refuse it before anything is written,
+    naming every such layer and each tensor's actual ndim and shape."""
+    moe = {m: ab for m, ab in modules.items() if any(v.ndim != 2 for v in ab.values())}
+    if not moe:
+        return
+    first, ab = next(iter(sorted(moe.items())))
+    shapes = ", ".join(f"{leaf} {v.ndim}-D {tuple(v.shape)}" for leaf, v in sorted(ab.items()))
+    raise PipelineError(
+        f"{first}: {shapes}: a mixture-of-experts layer (one LoRA per expert); llama.cpp LoRA adapters hold "
+        f"2-D tensors only. {len(moe)} such layer(s) in {weights_file}: {', '.join(sorted(moe))}. "
+        "Fuse the adapter instead (`make gguf` without --adapter-gguf).")
+
+
 def convert_lora(peft_dir: Path, base_hf: Path, outfile: Path, outtype: str = OUTTYPE) -> list[str]:
-    """llama.cpp's convert_lora_to_gguf.py on a PEFT folder (this interpreter, cached gguf-py first)."""
+    """llama.cpp's convert_lora_to_gguf.py on a PEFT folder (this interpreter, cached gguf-py first),
+    its model class seeing the base's hparams as the base GGUF's conversion did (_LORA_BOOTSTRAP)."""
     d = llamacpp.require_converter()
     script = d / LORA_CONVERTER
     if not script.is_file():
         raise MissingInputError(f"{script} is missing (older converter cache). Run `python -m pipeline.llamacpp "
                                 "fetch --force`.")
-    cmd = [sys.executable, str(script), "--base", str(base_hf), "--outfile", str(outfile),
+    cmd = [sys.executable, "-c", _LORA_BOOTSTRAP, str(script), "--base", str(base_hf), "--outfile", str(outfile),
            "--outtype", outtype.lower(), str(peft_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=llamacpp.converter_env())
     log = (proc.stdout + proc.stderr).splitlines()

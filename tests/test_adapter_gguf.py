@@ -74,6 +74,40 @@ def test_refuses_tied_lm_head(tmp_path):
         mlx_to_peft(d, tmp_path / "peft", {"tie_word_embeddings": True})
 
 
+def test_refuses_expert_lora_naming_each_layer_and_its_3d_tensors(tmp_path):
+    """mlx-lm's LoRASwitchLinear (MoE experts) holds a LoRA per expert: llama.cpp has no such adapter.
+    The refusal names every expert layer with the real ndim/shape of its tensors, and writes nothing."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+    from pipeline.adapter_gguf import mlx_to_peft
+
+    experts = {f"model.layers.{i}.block_sparse_moe.switch_mlp.{p}": LoRASwitchLinear.from_base(
+        SwitchLinear(64, 32, 4, bias=False), r=8) for i in (0, 1) for p in ("gate_proj", "up_proj")}
+    dense = {"model.layers.0.self_attn.q_proj": LoRALinear.from_base(nn.Linear(64, 64, bias=False), r=8)}
+    weights = {f"{m}.{leaf}": getattr(layer, leaf) for m, layer in {**experts, **dense}.items()
+               for leaf in ("lora_a", "lora_b")}
+    d = tmp_path / "adapters"
+    d.mkdir()
+    mx.save_safetensors(str(d / "adapters.safetensors"), weights)
+    (d / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 8, "scale": 2.0}}))
+    b = experts["model.layers.0.block_sparse_moe.switch_mlp.gate_proj"].lora_b
+    assert b.ndim == 3  # lora_b [experts, out, r]
+    with pytest.raises(PipelineError) as err:
+        mlx_to_peft(d, tmp_path / "peft", {"tie_word_embeddings": True})
+    message = str(err.value)
+    assert message.startswith("model.layers.0.block_sparse_moe.switch_mlp.gate_proj: ")
+    assert f"lora_b 3-D {tuple(b.shape)}" in message and "mixture-of-experts" in message
+    a = experts["model.layers.0.block_sparse_moe.switch_mlp.gate_proj"].lora_a
+    assert f"lora_a {a.ndim}-D {tuple(a.shape)}" in message
+    assert "4 such layer(s)" in message and all(m in message for m in experts) and "q_proj" not in message
+    assert "Fuse the adapter instead" in message
+    assert not (tmp_path / "peft").exists()
+
+
 def test_adapter_gguf_files(adapter_run):
     from gguf import GGUFReader
 

@@ -24,11 +24,6 @@ from pipeline import arch
 from pipeline.errors import PipelineError
 
 GGUF_KEYS = {**TEST_KEYS, "gguf.quantizations": ["Q8_0", "Q4_K_M"]}
-# Model types whose LoRA GGUF is known not to work, each held by a strict xfail test below until
-# pipeline/adapter_gguf.py handles it: H-Micro (granitehybrid): llama.cpp's converter permutes the
-# base's attn_q/attn_k rows but convert_lora_to_gguf leaves their LoRA B in Hub order (pair KL 0.0205,
-# base alone 1.71); Micro (written as granite): llama.cpp dies with SIGSEGV loading base + LoRA.
-LORA_GGUF_BROKEN = {"granitemoehybrid"}
 PROMPT = "Ken wants 2 red lamps shipped to Oslo."
 
 
@@ -88,7 +83,7 @@ def test_chain_02_to_10(name, export_runs):
     kl_hf = _kl_mlx_vs_transformers(dfused.path, hf, ids)
 
     # 09: F16, Q8_0, Q4_K_M, native Q4_1 (second fuse without de-quantizing), LoRA GGUF.
-    lora_gguf = not experts and config["model_type"] not in LORA_GGUF_BROKEN
+    lora_gguf = not experts
     keys = {**GGUF_KEYS, "gguf.native": registry.native_gguf, "gguf.adapter_gguf": lora_gguf}
     cfg = make_cfg(root, run=dcfg.run, **keys)
     if experts:  # llama.cpp LoRA adapters are 2-D: the LoRA GGUF is refused, naming the expert layer
@@ -173,11 +168,11 @@ def test_dense_config_with_experts_used_is_fixed_at_02_and_llama_cpp_loads_it(ti
     llamacpp.probe(q8)
 
 
-@pytest.mark.xfail(strict=True, reason="llama.cpp's convert_lora_to_gguf leaves granitehybrid attn_q/attn_k LoRA B "
-                                       "in Hugging Face row order while the base GGUF's rows are permuted")
 def test_lora_gguf_of_granite_hybrid_attention_is_permuted_like_its_base(export_runs, tmp_path):
-    """The base GGUF's attn_q rows are llama.cpp's RoPE permutation of the Hub rows (test_gguf_native
-    finds it on granitemoehybrid); a LoRA GGUF must permute its delta the same way."""
+    """The base GGUF's attn_q/attn_k rows are llama.cpp's RoPE permutation of the Hub rows (test_gguf_native
+    finds it on granitemoehybrid); a LoRA GGUF must permute its delta the same way. llama.cpp's LoRA
+    converter alone does not here: it reads transformers 5's linear_attention/full_attention layer types,
+    finds no attention layer and converts every layer as Mamba (pipeline/adapter_gguf._LORA_BOOTSTRAP)."""
     import gguf
     import mlx.core as mx
 
@@ -190,16 +185,25 @@ def test_lora_gguf_of_granite_hybrid_attention_is_permuted_like_its_base(export_
     convert_lora(tmp_path / "peft", run / "base", tmp_path / "lora.gguf")
     tensors = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(str(tmp_path / "lora.gguf")).tensors}
     adapter = mx.load(str(run / "adapters" / "adapters.safetensors"))
-    layer = config["layer_types"].index("attention")
-    gguf_delta = tensors[f"blk.{layer}.attn_q.weight.lora_b"] @ tensors[f"blk.{layer}.attn_q.weight.lora_a"]
-    a, b = (np.array(adapter[f"model.layers.{layer}.self_attn.q_proj.lora_{x}"]) for x in "ab")
-    hub_delta = (a @ b).T
-    heads, tol = config["num_attention_heads"], 2e-3 * np.abs(hub_delta).max()  # F16 rounding
-    assert np.allclose(gguf_delta, hub_delta[llama_permutation(len(hub_delta), heads, heads)], atol=tol)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    layers = [i for i, t in enumerate(config["layer_types"]) if t == "attention"]
+    assert layers
+    for layer in layers:
+        for proj, gguf_name, kv in (("q_proj", "attn_q", heads), ("k_proj", "attn_k", kv_heads)):
+            name = f"blk.{layer}.{gguf_name}.weight"
+            gguf_delta = tensors[f"{name}.lora_b"] @ tensors[f"{name}.lora_a"]
+            a, b = (np.array(adapter[f"model.layers.{layer}.self_attn.{proj}.lora_{x}"]) for x in "ab")
+            hub_delta = (a @ b).T
+            tol = 2e-3 * np.abs(hub_delta).max()  # F16 rounding
+            assert np.allclose(gguf_delta, hub_delta[llama_permutation(len(hub_delta), heads, kv)], atol=tol), name
+            assert not np.allclose(gguf_delta, hub_delta, atol=tol), name  # the permutation is not the identity
 
 
-@pytest.mark.xfail(strict=True, reason="llama.cpp is killed by SIGSEGV loading the Micro base GGUF with its LoRA GGUF")
-def test_lora_gguf_of_granite_micro_loads(export_runs, tmp_path):
+def test_lora_gguf_of_granite_micro_is_written_as_its_base_and_loads(export_runs, tmp_path):
+    """Micro (every layer attention) is converted as `granite`; its LoRA GGUF must say `granite` too
+    (written as `granitehybrid`, llama.cpp died with SIGSEGV loading the pair)."""
+    import gguf
+
     from pipeline import llamacpp
     from pipeline.adapter_gguf import convert_lora, mlx_to_peft
 
@@ -207,4 +211,25 @@ def test_lora_gguf_of_granite_micro_loads(export_runs, tmp_path):
     mlx_to_peft(run / "adapters", tmp_path / "peft", json.loads((run / "base" / "config.json").read_text()))
     convert_lora(tmp_path / "peft", run / "base", tmp_path / "lora.gguf")
     llamacpp.convert_hf_to_gguf(run / "base", tmp_path / "base.gguf", "f16")
+    archs = [gguf.GGUFReader(str(tmp_path / f)).fields["general.architecture"].contents()
+             for f in ("base.gguf", "lora.gguf")]
+    assert archs == ["granite", "granite"]
     llamacpp.probe(tmp_path / "base.gguf", tmp_path / "lora.gguf")
+
+
+@pytest.mark.parametrize("name", [DENSE, "granitemoehybrid-micro"])
+def test_granite_4_lora_gguf_pair_computes_the_trained_model(name, export_runs):
+    """H-Micro (mamba + attention) and Micro (attention only): llama.cpp's F16 base + LoRA GGUF against
+    MLX's quantized training base + adapter, at the F16 floor (KL ~1e-6 measured) and far below the base alone."""
+    from export_fixtures import copy_run
+    from pipeline.adapter_gguf import compare_with_mlx, write_adapter_gguf
+
+    root = export_runs.trained(name)
+    copy_run(root, "lora-gguf")
+    cfg = make_cfg(root, run="lora-gguf", verify__max_rows=3, eval__max_tokens=8)
+    write_adapter_gguf(cfg)
+    report = compare_with_mlx(cfg)
+    pair, alone = report["gguf_base_lora"], report["gguf_base_alone"]
+    print(f"\n{name}: base + LoRA KL {pair['kl']:.2e} top-1 {pair['top1_percent']}%; base alone KL {alone['kl']:.2e}")
+    assert pair["kl"] <= 1e-4, report
+    assert alone["kl"] > 1000 * pair["kl"], report
