@@ -127,7 +127,6 @@ def start_server(gguf: Path, lora: Path | None = None, host: str = "127.0.0.1", 
     while loading, or one that never answers raises PipelineError with the tail of its log."""
     check_server_installed()
     check_port_free(host, port)
-    llamacpp.probe(gguf, lora)  # a file llama.cpp aborts on fails here, with its assert line
     if log_path is None:
         log_path = Path(tempfile.gettempdir()) / f"mlx-pipeline-serve-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
