@@ -143,13 +143,6 @@ def numpy_state_to_json(state) -> list:
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
-def numpy_state_from_json(data):
-    import numpy as np
-
-    name, keys, pos, has_gauss, cached = data
-    return (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
-
-
 class ResumableBatches:
     """mlx-lm's shuffled, length-bucketed training batches with their own RNG and a position.
 

@@ -6,7 +6,6 @@ one bias: w = scale * q + bias. Bits per weight = bits + 2 * (scale bits) / grou
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +80,3 @@ def _bits_per_weight(model_dir: Path) -> float:
     model, _ = load_model(model_dir, lazy=True)
     return round(float(compute_bits_per_weight(model)), 3)
 
-
-def quantization_of(model_dir: Path) -> dict | None:
-    """The quantization block of an MLX model's config.json, or None for a dense model."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return cfg.get("quantization")
