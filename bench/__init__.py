@@ -1,0 +1,1 @@
+"""Benchmarks: our phases against the tools users would otherwise run, measured in the same run."""
