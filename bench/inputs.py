@@ -65,28 +65,46 @@ def synthetic_model(size: str = "1b") -> Path:
     return out
 
 
-def run_config(size: str = "1b") -> Path:
-    """The config file of the synthetic run (written on first use)."""
-    path = WORK / f"synthetic-{size}.yaml"
-    text = BENCH_CONFIG.format(run=f"synthetic-{size}", source=synthetic_model(size))
+def _source(run: str) -> str:
+    return "embedded:smollm2" if run == "smollm2" else str(synthetic_model(run.removeprefix("synthetic-")))
+
+
+def run_config(size: str = "1b", run: str | None = None) -> Path:
+    """The config file of a benchmark run (written on first use): `synthetic-<size>` or `smollm2`."""
+    run = run or f"synthetic-{size}"
+    path = WORK / f"{run}.yaml"
+    text = BENCH_CONFIG.format(run=run, source=_source(run))
     if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return path
 
 
-def run_args(size: str = "1b") -> list[str]:
-    """`--config ... --run ... --models-dir ...` for any phase of the synthetic run."""
-    return ["--config", str(run_config(size)), "--run", f"synthetic-{size}", "--models-dir", str(WORK / "runs")]
+def run_args(size: str = "1b", run: str | None = None) -> list[str]:
+    """`--config ... --run ... --models-dir ...` for any phase of a benchmark run."""
+    run = run or f"synthetic-{size}"
+    return ["--config", str(run_config(size, run)), "--run", run, "--models-dir", str(WORK / "runs")]
+
+
+def prepared_run(run: str, phases=("base", "data", "quantize", "train")) -> Path:
+    """Run `phases` of benchmark run `run` unless already done; returns the run folder."""
+    outputs = {"base": "base", "data": "data", "quantize": "base-quantized", "train": "adapters"}
+    run_dir = WORK / "runs" / run
+    for phase in phases:
+        if not (run_dir / outputs[phase] / "manifest.json").exists():
+            print(f"[inputs] {phase} for the {run} run", flush=True)
+            subprocess.run([*cli(), phase, *run_args(run=run)], check=True)
+    return run_dir
 
 
 def synthetic_run(size: str = "1b") -> Path:
     """The run folder with base/, data/, base-quantized/ and adapters/ complete (phases skip when done)."""
-    run_dir = WORK / "runs" / f"synthetic-{size}"
-    for phase, out in (("base", "base"), ("data", "data"), ("quantize", "base-quantized"), ("train", "adapters")):
-        if not (run_dir / out / "manifest.json").exists():
-            print(f"[inputs] {phase} for the synthetic {size} run", flush=True)
-            subprocess.run([*cli(), phase, *run_args(size)], check=True)
-    return run_dir
+    return prepared_run(f"synthetic-{size}")
+
+
+def smollm2_run() -> Path:
+    """The embedded SmolLM2-135M with base/, data/ and base-quantized/ (no adapter)."""
+    return prepared_run("smollm2", ("base", "data", "quantize"))
 
 
 if __name__ == "__main__":
