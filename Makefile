@@ -5,6 +5,7 @@
 # make train RESUME=1       continue an interrupted training run from its newest checkpoint
 # make install             put the verified GGUF into LM Studio, write an Ollama Modelfile (TYPE=Q8_0)
 # make test                set up and run the test suite (what CI runs)
+# make bench               our phases vs mlx_lm / llama.cpp on the same inputs (BENCH="train fuse" for some)
 #
 # Each phase writes models/<run>/<output>/manifest.json last; targets key on those files,
 # so a finished phase is not redone. Editing CONFIG re-runs the phases that read it.
@@ -31,11 +32,11 @@ define remember
 @mkdir -p $(dir $(1)); echo '$(2)' | cmp -s - $(1) 2>/dev/null || echo '$(2)' > $(1)
 endef
 
-.PHONY: setup data base quantize train eval fuse hf gguf verify install demo test clean help FORCE
+.PHONY: setup data base quantize train eval fuse hf gguf verify install demo test bench clean help FORCE
 .DEFAULT_GOAL := help
 
 help:
-	@echo "targets: setup base data quantize train eval fuse hf gguf verify install demo test clean"
+	@echo "targets: setup base data quantize train eval fuse hf gguf verify install demo test bench clean"
 	@echo "  CONFIG=$(CONFIG)  run $(RUN_NAME)  DEQUANTIZE=$(DEQUANTIZE)  QUANTS=$(QUANTS)"
 
 setup: $(STAMP)
@@ -138,6 +139,10 @@ demo: eval verify
 
 test: $(STAMP)
 	$(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS)) $(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Each benchmark runs the anchor tool in the same run, interleaved; ratios in bench/results/<machine>.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(RUNDIR)
