@@ -1,0 +1,44 @@
+"""The benchmark harness measures what it claims: peak RSS of the measured process, interleaved runs,
+ratios ours/anchor, and a results table that renders every benchmark recorded."""
+
+import json
+import sys
+
+import pytest
+
+from bench import harness, report
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(harness, "WORK", tmp_path / "work")
+    return tmp_path / "results"
+
+
+def _alloc(mb: int) -> harness.Cmd:
+    # Touch every page so the allocation is resident.
+    return harness.Cmd([sys.executable, "-c", f"b = bytearray({mb} * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                       label=f"{mb} MB")
+
+
+def test_peak_rss_and_ratio(results_dir):
+    order = []
+    ours, anchor = _alloc(300), _alloc(60)
+    ours.before, anchor.before = (lambda: order.append("ours")), (lambda: order.append("anchor"))
+    row = harness.compare("alloc", ours, anchor, repeats=2, what="allocation")
+    assert order == ["ours", "anchor", "ours", "anchor"]
+    assert 0.30 <= row["ours"]["peak_rss_gb"] < 0.45
+    assert 0.06 <= row["anchor"]["peak_rss_gb"] < 0.2
+    assert row["ratio"]["peak_rss_gb"] == pytest.approx(row["ours"]["peak_rss_gb"] / row["anchor"]["peak_rss_gb"],
+                                                        rel=1e-2)
+    saved = json.loads((results_dir / f"{harness.machine_name()}.json").read_text())
+    assert saved["benchmarks"]["alloc"]["ratio"] == row["ratio"]
+    assert saved["machine"]["cores"] >= 1
+    table = report.render(saved)
+    assert "### alloc" in table and "| **ratio** |" in table and "300 MB" in table
+
+
+def test_failing_command_names_its_output(results_dir):
+    with pytest.raises(RuntimeError, match=r"(?s)exited 3:.*boom"):
+        harness.measure(harness.Cmd([sys.executable, "-c", "print('boom'); raise SystemExit(3)"]))
