@@ -340,3 +340,44 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+# --------------------------------------------------------------------------------------------
+# Sharing files between outputs, and what a run folder holds on disk
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Hard-link `src` as `dst` ("hard-linked"), or copy it where a link cannot be made (another
+    file system, a link limit, a file system without links): "copied". Only for outputs whose
+    writers replace files by rename (`atomic_path`), never rewrite them in place: the shared inode
+    then never changes, and each side's next version gets an inode of its own."""
+    try:
+        os.link(src, dst)
+        return "hard-linked"
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    shutil.copyfile(src, dst)
+    return "copied"
+
+
+def disk_usage(folder: str | os.PathLike) -> dict:
+    """Bytes a folder holds, each file counted once however many hard links it has (as `du` does,
+    in apparent size): total, and per top-level entry, where a file linked from two entries counts
+    in the first (sorted) and its bytes are listed as `shared` in the others."""
+    seen: dict[tuple[int, int], str] = {}
+    parts: dict[str, dict] = {}
+    for top in sorted(Path(folder).iterdir()):
+        part = parts.setdefault(top.name, {"bytes": 0, "shared_bytes": 0})
+        for f in [top] if not top.is_dir() or top.is_symlink() else sorted(top.rglob("*")):
+            st = f.lstat()
+            if not f.is_file() or f.is_symlink():
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                part["shared_bytes"] += st.st_size
+            else:
+                seen[key] = top.name
+                part["bytes"] += st.st_size
+    return {"total_bytes": sum(p["bytes"] for p in parts.values()),
+            "folders": {k: v for k, v in parts.items() if v["bytes"] or v["shared_bytes"]}}

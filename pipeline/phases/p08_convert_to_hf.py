@@ -8,6 +8,10 @@ Weights: dense safetensors in `export.dtype`. MLX quantized layers are dequantiz
 rope_theta, granitemoehybrid layer types mamba/attention) with only what changed edited:
 transformers 5 loads that form, while its save_pretrained would rewrite it into one mlx-lm
 rejects (PLATFORM_NOTES). Tokenizer files and generation_config.json are copied byte for byte.
+
+Memory: tensor by tensor (pipeline/hf_export.py). Disk: when fused/ already holds exactly the
+export's tensors (a de-quantized fuse in the export dtype), its safetensors are hard-linked, not
+copied; 07 replaces fused/ by rename, so a re-fuse never changes the files hf/ shares.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import click
 from .. import arch
 from ..errors import PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
-from ..hf_export import INDEX, copy_tokenizer_files, dense_weights, hf_config, save_shards  # noqa: F401 (tests: INDEX)
+from ..hf_export import (  # noqa: F401 (tests: INDEX)
+    INDEX,
+    copy_tokenizer_files,
+    dense_weights,
+    hf_config,
+    link_shards,
+    save_shards,
+    shared_files,
+)
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files, read_config
 from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
@@ -56,23 +68,35 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
     check_weight_files(paths.fused)  # every safetensors header validated before MLX reads the weights
     base_config = read_config(config_dir)
 
-    weights, mlx_config = dense_weights(paths.fused, getattr(mx, cfg.export.dtype))
+    row_blocks: dict = {}  # dequantized tensors are written a block of rows at a time
+    source, mlx_config = dense_weights(paths.fused, getattr(mx, cfg.export.dtype), row_blocks)
     model_type = mlx_config["model_type"]
     if base_config.get("model_type") != model_type:
         raise PipelineError(
             f"{paths.fused} is a {model_type} model but {paths.base}/config.json says "
             f"{base_config.get('model_type')}. Re-run `make fuse` for this run (or 07 on the right base)."
         )
-    weights = arch.get(model_type).to_hf_weights(weights, mlx_config)
+    weights = arch.get(model_type).to_hf_weights(source, mlx_config)
     config, changes = hf_config(base_config, cfg.export.dtype, tied="lm_head.weight" not in weights)
     if config.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)  # tied: transformers reuses embed_tokens
+    max_bytes = int(cfg.export.max_shard_gb * 1e9)
+    # A de-quantized fuse in the export dtype holds these very tensors: link its files, not a copy.
+    # Only in a run folder, whose writers replace files by rename: a folder of the user's may be
+    # rewritten in place (mlx_lm fuse does), which would change the export through the shared file.
+    shared = None if given else shared_files(paths.fused, source, weights, max_bytes)
+    del source  # only `weights` may hold the arrays: each is dropped once written
+    n_tensors = len(weights)
 
     out = paths.hf
-    expected = sum(v.nbytes for v in weights.values())
+    expected = 0 if shared else sum(v.nbytes for v in weights.values())
     with atomic_path(out, expected_bytes=expected, what=f"the Hugging Face export ({cfg.export.dtype})") as tmp:
         tmp.mkdir()
-        shards = save_shards(weights, tmp, int(cfg.export.max_shard_gb * 1e9))
+        if shared:
+            weights.clear()
+            shards, how = link_shards(shared, tmp)
+        else:
+            shards, how = save_shards(weights, tmp, max_bytes, row_blocks), "written"
         write_json(tmp / "config.json", config)
         copied = copy_tokenizer_files(config_dir, tmp)
         if "generation_config.json" not in copied:
@@ -89,11 +113,15 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
                 "config": str(config_dir / "config.json"),
             },
             outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "shards": shards, "size_bytes": size,
-                     "tensors": len(weights)},
+                     "tensors": n_tensors, "shards_from_fused": how if shared else None},
             config_changes=changes,
             copied=copied,
         )
-    click.echo(f"wrote {len(weights)} tensors in {len(shards)} shard(s), {human_size(size)} ({cfg.export.dtype})")
+    if shared:
+        click.echo(f"{n_tensors} tensors in {len(shards)} shard(s), {human_size(size)} ({cfg.export.dtype}): "
+                   f"{how} from {paths.fused} (the same tensors, so no second copy on disk)")
+    else:
+        click.echo(f"wrote {n_tensors} tensors in {len(shards)} shard(s), {human_size(size)} ({cfg.export.dtype})")
     for c in changes:
         click.echo(f"config.json: {c}")
     done(f"Hugging Face model ready: {out}")
