@@ -125,3 +125,65 @@ def count_parameters(model: nn.Module) -> dict:
         "frozen": int(total - trainable),
         "trainable_percent": round(100.0 * trainable / max(total, 1), 4),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded memory: write a model tensor by tensor, run one block's weights at a time
+
+_SAFETENSORS_DTYPES = {
+    mx.bool_: "BOOL", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.uint32: "U32",
+    mx.int32: "I32", mx.uint64: "U64", mx.int64: "I64", mx.float16: "F16", mx.bfloat16: "BF16",
+    mx.float32: "F32", mx.float64: "F64",
+}
+
+
+def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: int, evaluate=None) -> int:
+    """Write lazy `weights` (mlx-lm's names) in mlx-lm's `save_model` layout (shards of at most
+    MAX_FILE_SIZE_GB, model.safetensors.index.json), computing and writing one module at a time.
+
+    `save_model` evaluates a whole shard (5 GB) before writing it; here each module's tensors are
+    evaluated together (`evaluate(module_name, arrays)`, default `mx.eval`; the caller may evaluate
+    more with them, such as per-layer statistics), written, and dropped. `weights` is consumed:
+    the caller must hold no other reference to its arrays (drop the model), or they stay in memory.
+    Returns the bytes written.
+    """
+    from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(v.nbytes for v in weights.values())
+    shards = make_shards(weights, MAX_FILE_SIZE_GB)
+    weights.clear()
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for i, name in enumerate(names):
+        shard, shards[i] = shards[i], None
+        weight_map.update(dict.fromkeys(shard, name))
+        _write_safetensors(out_dir / name, shard, evaluate or (lambda _, arrays: mx.eval(arrays)))
+    index = {"metadata": {"total_size": total, "total_parameters": total_parameters},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    return total
+
+
+def _write_safetensors(path: Path, tensors: dict, evaluate) -> None:
+    """The header first (shapes and dtypes are known before evaluation), then each module's tensors."""
+    groups: dict[str, list[str]] = {}
+    for k in tensors:
+        groups.setdefault(k.rpartition(".")[0], []).append(k)
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for k in (k for group in groups.values() for k in group):
+        v = tensors[k]
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + v.nbytes]}
+        offset += v.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for module, group in groups.items():
+            evaluate(module, [tensors[k] for k in group])
+            for k in group:
+                f.write(memoryview(mx.contiguous(tensors.pop(k))))
+            mx.clear_cache()  # MLX keeps freed buffers for reuse; a fuse never needs them again

@@ -28,6 +28,7 @@ from . import agreement
 MAX_KL_RATIO = 0.25
 E2E_ROWS = 4
 WORST_LAYERS = 5
+SAMPLED_ROWS = 512  # per fused linear layer, for the per-layer figures
 SPAN = "answer"  # the fine-tune shows in the answers; the prompt tokens would dilute it
 
 BETTER_OPTIONS = (
@@ -38,16 +39,15 @@ BETTER_OPTIONS = (
 )
 
 
-def layer_stats(name: str, base_w, exact_delta, fused_w) -> dict:
-    """One layer's survival and error (all arrays float32, same shape)."""
-    dn = math.sqrt((exact_delta * exact_delta).sum().item())
-    moved = fused_w - base_w
-    mn = math.sqrt((moved * moved).sum().item())
-    err = moved - exact_delta
-    en = math.sqrt((err * err).sum().item())
+def layer_stats(name: str, figures: list[float]) -> dict:
+    """One layer's survival and error from `layer_figures` (evaluated)."""
+    dn, mn, en = (math.sqrt(max(x, 0.0)) for x in figures[:3])
     if dn == 0:
         return {"layer": name, "delta_norm": 0.0, "survival": None, "error": None}
-    return {"layer": name, "delta_norm": dn, "survival": mn / dn, "error": en / dn}
+    out = {"layer": name, "delta_norm": dn, "survival": mn / dn, "error": en / dn}
+    if len(figures) > 3:  # the re-quantized layer before the final cast (p07's delta error)
+        out["requantized_error"] = math.sqrt(max(figures[3], 0.0)) / dn
+    return out
 
 
 def summarize_layers(stats: list[dict]) -> dict:
@@ -71,35 +71,59 @@ def summarize_layers(stats: list[dict]) -> dict:
     }
 
 
-def fused_layer_stats(model, adapted: dict) -> list[dict]:
-    """Compare each fused layer in `model` (as stored: after the final cast) with its LoRA layer.
+def layer_figures(lora, fused, requantized: dict | None = None):
+    """Lazy squared norms of one fused layer, in float32: [||dW||², ||W_fused - W||²,
+    ||W_fused - (W + dW)||²] and, given the `requantized` layer's arrays before the final cast
+    (`weights_of`), ||requantized - (W + dW)||².
 
-    `adapted` maps module name -> the LoRA/DoRA layer that was fused (its inner layer is the
-    weight it was fused into, in float32).
+    `lora` is the LoRA/DoRA layer that was fused (its inner layer holds W, the weights it was
+    fused into); `fused` the layer as stored (after re-quantization / the final cast). Lazy, so
+    that they are computed together with the fused weights, while W is in memory anyway.
+    Linear layers are rated on every k-th output row (at most SAMPLED_ROWS rows): fusion works
+    row by row, so the sampled rows estimate the norms' ratios at 1/k of the cost.
     """
     import mlx.core as mx
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
 
-    modules = dict(model.named_modules())
-    stats = []
-    for name, lora in adapted.items():
+    if isinstance(lora, (LoRALinear, DoRALinear)):
+        rows = slice(None, None, max(1, lora.linear.weight.shape[0] // SAMPLED_ROWS))
+        w0 = _dense_rows(weights_of(lora.linear), rows)
+        adapted = w0 + (lora.scale * lora.lora_b.T[rows].astype(mx.float32)) @ lora.lora_a.T.astype(mx.float32)
+        if isinstance(lora, DoRALinear):  # as its fuse(): rows rescaled to the learned magnitudes
+            adapted = (lora.m[rows].astype(mx.float32) / mx.linalg.norm(adapted, axis=1))[:, None] * adapted
+    else:  # embeddings, experts: every row, through the layer's own fuse
+        rows = slice(None)
         inner = lora["linear"] if "linear" in lora else lora["embedding"]
-        w0 = _dense(inner).astype(mx.float32)
-        exact = lora.fuse(dequantize=True).weight.astype(mx.float32) - w0
-        fused_w = _dense(modules[name]).astype(mx.float32)
-        s = layer_stats(name, w0, exact, fused_w)
-        mx.eval(w0)
-        stats.append(s)
-    return stats
+        w0 = _dense_rows(weights_of(inner), rows)
+        adapted = lora.fuse(dequantize=True).weight.astype(mx.float32)
+    exact = adapted - w0
+    moved = _dense_rows(weights_of(fused), rows) - w0
+    parts = [(exact * exact).sum(), (moved * moved).sum(), ((moved - exact) ** 2).sum()]
+    if requantized is not None:
+        err = _dense_rows(requantized, rows) - adapted
+        parts.append((err * err).sum())
+    return mx.stack(parts)
 
 
-def _dense(m):
+def weights_of(m) -> dict:
+    """A layer's weight arrays and quantization, as they are now (a later cast replaces them)."""
+    out = {"weight": m.weight}
+    if "scales" in m:
+        out.update(scales=m.scales, biases=m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
+    return out
+
+
+def _dense_rows(w: dict, rows: slice):
+    """Rows of a layer's weight as float32 (quantized ones dequantized: quantization runs along rows)."""
     import mlx.core as mx
 
-    if "scales" not in m:
-        return m.weight
-    biases = m.get("biases")
-    return mx.dequantize(m.weight, m.scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
-                         group_size=m.group_size, bits=m.bits, mode=m.mode)
+    if "scales" not in w:
+        return w["weight"][rows].astype(mx.float32)
+    biases = w["biases"]
+    return mx.dequantize(w["weight"][rows], w["scales"][rows].astype(mx.float32),
+                         None if biases is None else biases[rows].astype(mx.float32),
+                         group_size=w["group_size"], bits=w["bits"], mode=w["mode"])
 
 
 def end_to_end(train_base: Path, adapters: Path, fused: Path, fused_into: Path, valid: Path,

@@ -30,7 +30,16 @@ from ..hf_export import TOKENIZER_FILES, copy_tokenizer_files  # noqa: F401 (tes
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files
 from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
-from ..survival import end_to_end, fused_layer_stats, lost, lost_message, summarize_layers, summary_lines
+from ..survival import (
+    end_to_end,
+    layer_figures,
+    layer_stats,
+    lost,
+    lost_message,
+    summarize_layers,
+    summary_lines,
+    weights_of,
+)
 from ..untrusted.safetensors_header import check_safetensors
 from .common import done, start_phase
 
@@ -54,7 +63,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, get_total_parameters, load, save_config, save_model
+    from mlx_lm.utils import dequantize_model, get_total_parameters, load_model, save_config
 
     from ..modeling import cast_floats
 
@@ -82,9 +91,9 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         base_hash = check_same_base(adapter_cfg, paths.adapters, base)
         trained_on = None
 
-    # The genuine model: quantized layers stay quantized (not pipeline.modeling's CPU form).
-    # With --rebase: the original full-precision base, dense.
-    model, _, config = load(str(base), return_config=True)
+    # The genuine model, lazily: quantized layers stay quantized (not pipeline.modeling's CPU form);
+    # nothing is read until a module is written. With --rebase: the original full-precision base.
+    model, config = load_model(Path(base), lazy=True)
     base_dtype = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     try:
         load_adapters(model, str(paths.adapters))  # full fine-tuning: the weights themselves
@@ -93,7 +102,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
                             "another base model. Fuse it into the base it was trained on.") from None
     dequantize = cfg.fuse.dequantize or rebase
     adapted: dict = {}
-    fused, delta_error = fuse_layers(model, dequantize, adapted)
+    fused, requantized = fuse_layers(model, dequantize, adapted)
     if dequantize:
         dequantize_model(model)
         config.pop("quantization", None)
@@ -105,18 +114,23 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         dtype = base_dtype  # fused in float32 (see fuse_layers); stored as the base stores it
     cast_floats(model, dtype)
     parameters = int(get_total_parameters(model))
-    # Per-layer survival, on the weights as stored (after re-quantization / the final cast).
-    survival = {"layers": summarize_layers(fused_layer_stats(model, adapted))}
-    del adapted
+    # Per-layer survival, on the weights as stored (after re-quantization / the final cast): lazy
+    # figures, computed with each layer when it is written.
+    modules = dict(model.named_modules())
+    figures = {name: layer_figures(lora, modules[name], requantized.get(name)) for name, lora in adapted.items()}
+    del adapted, modules, requantized
     scale_bits = _scale_bits(model)
+    weights = dict(tree_flatten(model.parameters()))
+    del model  # the weights dict now holds the only references: each tensor is freed once written
 
     out = paths.fused
-    expected = sum(v.nbytes for _, v in tree_flatten(model.parameters()))  # what save_model writes
+    expected = sum(v.nbytes for v in weights.values())  # what is written
     with atomic_path(out, expected_bytes=expected, what="the fused model") as tmp:
-        save_model(tmp, model)
+        stats = _write_fused(tmp, weights, parameters, figures)
         save_config(dict(config), tmp / "config.json")
         copy_tokenizer_files(paths.base if (paths.base / "config.json").is_file() else base, tmp)
-        del model
+        survival = {"layers": summarize_layers(stats)}
+        delta_error = _delta_error(stats)
         if fused and paths.data is not None:  # end to end: adapter layers (not full fine-tuning) and data
             survival["end_to_end"] = end_to_end(paths.train_base if rebase else base, paths.adapters, tmp, base,
                                                 paths.data / "valid.jsonl")
@@ -250,48 +264,67 @@ def check_same_base(adapter_cfg: dict, adapters: Path, base: Path) -> str:
     return actual
 
 
-def fuse_layers(model, dequantize: bool, adapted: dict | None = None) -> tuple[int, float | None]:
-    """Replace every LoRA/DoRA layer by its own `fuse()`; returns (layers fused, delta error).
+def fuse_layers(model, dequantize: bool, adapted: dict | None = None) -> tuple[int, dict]:
+    """Replace every LoRA/DoRA layer by its own `fuse()`, lazily; returns (layers fused, the dense
+    value of each layer that stays quantized, before the final cast, by name).
 
     Each layer is fused in float32, so the delta is added before any rounding (to bf16 or to
-    the quantization grid). When layers stay quantized, the delta error compares the change that
-    survived re-quantization with the exact one: ~0.1 is a healthy adapter, > 1 means rounding
-    noise is larger than the adapter itself. Full fine-tuning leaves no such layers.
+    the quantization grid). Those dense values give the delta error (`_delta_error`): the change
+    that survived re-quantization against the exact one. Full fine-tuning leaves no such layers.
     """
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
     from ..modeling import cast_floats
 
-    fused, err, norm = [], 0.0, 0.0
+    fused, requantized = [], {}
     for name, m in model.named_modules():
         if not hasattr(m, "fuse"):
             continue
         cast_floats(m, mx.float32)
         layer = m.fuse(dequantize=dequantize)
         if _is_quantized(layer):
-            w0 = _dense(m["linear"] if "linear" in m else m["embedding"])
-            exact = m.fuse(dequantize=True).weight - w0
-            err += ((_dense(layer) - w0 - exact) ** 2).sum().item()
-            norm += (exact * exact).sum().item()
+            requantized[name] = weights_of(layer)
         fused.append((name, layer))
         if adapted is not None:
-            adapted[name] = m  # kept for the survival report (pipeline/survival.py)
+            adapted[name] = m  # for the survival report (pipeline/survival.py)
     if fused:
         model.update_modules(tree_unflatten(fused))
-    return len(fused), (round(math.sqrt(err / norm), 4) if norm > 0 else None)
+    return len(fused), requantized
+
+
+def _write_fused(out: Path, weights: dict, parameters: int, figures: dict) -> list[dict]:
+    """Write the fused weights module by module (pipeline/modeling.py), computing each fused layer's
+    survival figures with it, so that the base weights it was fused into are read once and freed."""
+    import mlx.core as mx
+
+    from ..modeling import save_model_streamed
+
+    stats = []
+
+    def evaluate(module: str, arrays: list) -> None:
+        f = figures.pop(module, None)
+        mx.eval(arrays if f is None else [*arrays, f])
+        if f is not None:
+            stats.append(layer_stats(module, f.tolist()))
+
+    save_model_streamed(out, weights, parameters, evaluate)
+    stats += [layer_stats(name, f.tolist()) for name, f in figures.items()]  # none left in practice
+    return stats
+
+
+def _delta_error(stats: list[dict]) -> float | None:
+    """||re-quantized W + dW - (W + dW)|| / ||dW|| over the layers that stay quantized: ~0.1 is a
+    healthy adapter, > 1 means rounding noise is larger than the adapter itself."""
+    rated = [s for s in stats if s.get("requantized_error") is not None and s["delta_norm"] > 0]
+    norm = sum(s["delta_norm"] ** 2 for s in rated)
+    if not norm:
+        return None
+    return round(math.sqrt(sum((s["requantized_error"] * s["delta_norm"]) ** 2 for s in rated) / norm), 4)
 
 
 def _is_quantized(m) -> bool:
     return "scales" in m
-
-
-def _dense(m):
-    import mlx.core as mx
-
-    if not _is_quantized(m):
-        return m.weight
-    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
 
 
 def _scale_bits(model) -> int:
