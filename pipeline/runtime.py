@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 # Debian's OpenBLAS: the mlx-cpu wheel bundles the reference BLAS (~7 GFLOP/s vs ~215).
@@ -30,6 +34,44 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
     # (sys.argv would relaunch cli.py as a plain script, breaking its relative imports).
     argv = argv if argv is not None else sys.orig_argv[1:]
     os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+# What a user on a machine with an NVIDIA GPU runs to get MLX's CUDA backend.
+CUDA_FIX = "make setup BACKEND=cuda (or: pip uninstall mlx-cpu; pip install 'mlx-pipeline[cuda]')"
+
+
+@cache
+def visible_nvidia_gpus() -> tuple[str, ...]:
+    """Names of the NVIDIA GPUs that `nvidia-smi -L` lists; empty without nvidia-smi or a working driver."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return ()
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    if out.returncode != 0:
+        return ()
+    return tuple(m.group(1).strip() for m in re.finditer(r"^GPU \d+: ([^(\n]+)", out.stdout, re.M))
+
+
+def device_banner(dtype_choice: str = "auto") -> tuple[str, str | None]:
+    """The banner line naming MLX's device and the compute dtype, and a warning when an NVIDIA GPU
+    is visible but MLX runs on the CPU (the mlx[cpu] wheel installed where mlx[cuda] belongs)."""
+    import mlx.core as mx
+
+    backend = backend_name()
+    dtype = str(compute_dtype(dtype_choice)).replace("mlx.core.", "")
+    name = mx.device_info(mx.default_device()).get("device_name") or ""
+    if backend == "cuda" and not name:
+        name = ", ".join(visible_nvidia_gpus())
+    line = f"device: {backend}{f' ({name})' if name else ''} | compute dtype: {dtype}"
+    gpus = visible_nvidia_gpus()
+    warning = None
+    if backend == "cpu" and gpus:
+        warning = (f"warning: an NVIDIA GPU is visible ({', '.join(gpus)}) but MLX runs on the CPU "
+                   f"(its CPU-only backend is installed): training is many times slower. Fix: {CUDA_FIX}")
+    return line, warning
 
 
 def is_cpu() -> bool:

@@ -9,6 +9,7 @@ import click
 from ..config import Config, format_config
 from ..fsio import clean_stale
 from ..paths import RunPaths
+from ..runtime import device_banner
 
 
 def start_phase(cfg: Config, title: str, sections: list[str], given: dict | None = None) -> float:
@@ -17,6 +18,10 @@ def start_phase(cfg: Config, title: str, sections: list[str], given: dict | None
         click.secho(f"== {title} ({', '.join(f'{k} {v}' for k, v in given.items())}) ==", bold=True)
     else:
         click.secho(f"== {title} (run '{cfg.run}') ==", bold=True)
+    device, warning = device_banner(cfg.train.compute_dtype)
+    click.echo(device)
+    if warning:
+        click.secho(warning, fg="yellow", err=True)
     click.echo("resolved config:")
     click.echo(format_config(cfg, sections, run_keys=not given))
     if not given:

@@ -34,7 +34,7 @@ from ..errors import DataError, PipelineError
 from ..fsio import atomic_path, replace_dir, sha256_file, write_json, write_jsonl
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..paths import RunPaths
-from ..runtime import backend_name, compute_dtype
+from ..runtime import backend_name, compute_dtype, is_cpu
 from .common import done, start_phase
 
 
@@ -106,6 +106,13 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
         keys = arch.resolve_targets(config["model_type"], t.targets)
         lora_parameters = {"rank": t.rank, "scale": t.alpha / t.rank, "dropout": t.dropout, "keys": keys}
         _apply_lora(model, num_layers, lora_parameters, t.fine_tune_type == "dora", t.targets)
+    if not is_cpu() and not os.environ.get("MLX_PIPELINE_QUANTIZED_MATMUL"):
+        # GPU: quantized layers multiply through dequantize + bf16 matmul, ~2x MLX's quantized_matmul
+        # there (pipeline/qlora.py); MLX_PIPELINE_QUANTIZED_MATMUL=1 keeps MLX's kernel, for comparison.
+        from ..qlora import use_dequantized_matmul
+
+        if swapped := use_dequantized_matmul(model):
+            click.echo(f"QLoRA: {swapped} quantized layers train through dequantize + {dtype_name} matmul")
     params = count_parameters(model)
     click.echo(
         f"parameters: total {params['total']:,} | trainable {params['trainable']:,} "
