@@ -6,8 +6,9 @@ one llama.cpp commit. `make setup` extracts the converter into a cache folder:
 
     python -m pipeline.llamacpp fetch [--sdist llama_cpp_python-0.3.36.tar.gz]
 
-The importance matrix (gguf.imatrix) needs llama.cpp's command-line tools, compiled from the
-same sdist (a few minutes, C++ compiler; cmake and ninja come from PyPI):
+The importance matrix (gguf.imatrix) needs llama.cpp's command-line tools (llama-imatrix,
+llama-quantize; llama-perplexity is bench/verify.py's anchor), compiled from the same sdist (a few
+minutes, C++ compiler; cmake and ninja come from PyPI):
 
     python -m pipeline.llamacpp build-tools
 
@@ -48,7 +49,7 @@ FILES = ["convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf
          "models/templates",  # the chat templates of real models (Llama 3, Granite): tests render them
          "models/ggml-vocab-qwen2.gguf"]  # Qwen2's vocabulary: the tiny qwen2 test model's tokenizer
 CONVERTER = "convert_hf_to_gguf.py"
-TOOLS = ["llama-imatrix", "llama-quantize"]
+TOOLS = ["llama-imatrix", "llama-quantize", "llama-perplexity"]  # perplexity: the anchor of bench/verify.py
 SETUP_HINT = "Run `make setup` (or `python -m pipeline.llamacpp fetch`)."
 
 
@@ -93,12 +94,12 @@ def fetch_converter(sdist: str | Path | None = None, force: bool = False) -> Pat
 
 
 def tools_dir() -> Path:
-    """Where `build-tools` puts llama-imatrix and llama-quantize built from the pinned sdist."""
+    """Where `build-tools` puts llama.cpp's tools (TOOLS) built from the pinned sdist."""
     return cache_root() / f"llama.cpp-{VERSION}-tools"
 
 
 def tool(name: str) -> Path:
-    """A llama.cpp command-line tool (llama-imatrix, llama-quantize) of the pinned commit."""
+    """A llama.cpp command-line tool (one of TOOLS) of the pinned commit."""
     if os.environ.get("LLAMA_CPP_DIR"):
         found = converter_dir() / "build" / "bin" / name
         if found.is_file():
@@ -114,7 +115,7 @@ def tool(name: str) -> Path:
 
 
 def build_tools(sdist: str | Path | None = None, jobs: int | None = None, force: bool = False) -> Path:
-    """Compile llama-imatrix and llama-quantize from the pinned sdist's llama.cpp (CPU build)."""
+    """Compile TOOLS from the pinned sdist's llama.cpp (CPU build)."""
     dest = tools_dir()
     if all((dest / t).is_file() for t in TOOLS) and not force:
         return dest
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fetch", help=f"extract llama.cpp's converter from the {PACKAGE} sdist into the cache")
     f.add_argument("--sdist", help="use this sdist (.tar.gz) instead of downloading it with pip")
     f.add_argument("--force", action="store_true", help="extract again even when the cache exists")
-    b = sub.add_parser("build-tools", help=f"compile llama-imatrix and llama-quantize from the {PACKAGE} sdist")
+    b = sub.add_parser("build-tools", help=f"compile {', '.join(TOOLS)} from the {PACKAGE} sdist")
     b.add_argument("--sdist", help="use this sdist (.tar.gz) instead of downloading it with pip")
     b.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     b.add_argument("--force", action="store_true", help="build again even when the tools exist")
