@@ -381,3 +381,20 @@ def disk_usage(folder: str | os.PathLike) -> dict:
                 part["bytes"] += st.st_size
     return {"total_bytes": sum(p["bytes"] for p in parts.values()),
             "folders": {k: v for k, v in parts.items() if v["bytes"] or v["shared_bytes"]}}
+
+
+@contextlib.contextmanager
+def scratch_file(final: str | os.PathLike):
+    """A working file next to `final`, named as `atomic_path` names its temporaries (so a crash
+    leaves nothing that the next write into that folder does not clean), removed on exit: for an
+    intermediate, such as the unquantized GGUF the quantized files are made from, that is no output."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}.tmp"
+    _remove(tmp)
+    _ACTIVE.add(tmp)
+    try:
+        yield tmp
+    finally:
+        _ACTIVE.discard(tmp)
+        _remove(tmp)

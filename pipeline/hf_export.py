@@ -149,21 +149,31 @@ def write_safetensors(path: Path, keys: list[str], weights: dict, row_blocks: di
             mx.clear_cache()  # MLX keeps freed buffers for reuse; an export never needs them again
 
 
-def shared_files(model_dir: Path, source: dict, weights: dict, max_bytes: int) -> list[Path] | None:
-    """`model_dir`'s safetensors files when they hold exactly the export's tensors, unchanged: the same
-    names, and each the very array read from the folder (`dense_weights` neither cast, dequantized
-    nor renamed it; `source` is its output); none larger than `max_bytes`. Then the export can link
-    those files instead of writing the same bytes again. None otherwise."""
+def shared_files(model_dir: Path, dtype: str, config: dict, renames: bool, tied: bool,
+                 max_bytes: int) -> tuple[list[Path], list[str]] | None:
+    """(files, tensor names) of `model_dir` when the export would write exactly its tensors, unchanged:
+    a dense folder (no quantization in `config`, its config.json) whose every tensor is already in
+    `dtype`, under names the export keeps (`renames` False: the architecture's `to_hf_weights` is the
+    identity; no lm_head.weight to drop when the export ties embeddings), no file above `max_bytes`.
+    Then the export can link those files instead of writing the same bytes again; decided from the
+    headers alone, so mlx-lm is not even imported. Only for a folder that 07 wrote from mlx-lm's own
+    parameters (its names are mlx-lm's). None otherwise."""
+    if renames or "quantization" in config or "quantization_config" in config:
+        return None
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    names: dict[str, str] = {}
+    names = []
     for f in files:
         if f.stat().st_size > max_bytes:
             return None
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        names.update({k: f.name for k in header if k != "__metadata__"})
-    same = set(names) == set(weights) and all(weights[k] is source.get(k) for k in weights)
-    return files if same else None
+        header.pop("__metadata__", None)
+        if any(v["dtype"] != _DTYPES[dtype] for v in header.values()):
+            return None
+        names += header
+    if not files or (tied and "lm_head.weight" in names):
+        return None
+    return files, names
 
 
 def link_shards(files: list[Path], out: Path, weight_map: dict[str, str] | None = None) -> tuple[list[str], str]:

@@ -68,32 +68,38 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
     check_weight_files(paths.fused)  # every safetensors header validated before MLX reads the weights
     base_config = read_config(config_dir)
 
-    row_blocks: dict = {}  # dequantized tensors are written a block of rows at a time
-    source, mlx_config = dense_weights(paths.fused, getattr(mx, cfg.export.dtype), row_blocks)
-    model_type = mlx_config["model_type"]
+    mlx_folder = read_config(paths.fused)
+    model_type = mlx_folder.get("model_type")
     if base_config.get("model_type") != model_type:
         raise PipelineError(
             f"{paths.fused} is a {model_type} model but {paths.base}/config.json says "
             f"{base_config.get('model_type')}. Re-run `make fuse` for this run (or 07 on the right base)."
         )
-    weights = arch.get(model_type).to_hf_weights(source, mlx_config)
-    config, changes = hf_config(base_config, cfg.export.dtype, tied="lm_head.weight" not in weights)
-    if config.get("tie_word_embeddings"):
-        weights.pop("lm_head.weight", None)  # tied: transformers reuses embed_tokens
+    architecture = arch.get(model_type)
     max_bytes = int(cfg.export.max_shard_gb * 1e9)
     # A de-quantized fuse in the export dtype holds these very tensors: link its files, not a copy.
     # Only in a run folder, whose writers replace files by rename: a folder of the user's may be
     # rewritten in place (mlx_lm fuse does), which would change the export through the shared file.
-    shared = None if given else shared_files(paths.fused, source, weights, max_bytes)
-    del source  # only `weights` may hold the arrays: each is dropped once written
-    n_tensors = len(weights)
+    renames = architecture.to_hf_weights is not arch.Arch.__dataclass_fields__["to_hf_weights"].default
+    shared = None if given else shared_files(paths.fused, cfg.export.dtype, mlx_folder, renames,
+                                             bool(base_config.get("tie_word_embeddings")), max_bytes)
+    if shared:
+        weights, row_blocks, (shared, names) = {}, {}, shared
+        n_tensors, tied = len(names), "lm_head.weight" not in names
+    else:
+        row_blocks = {}  # dequantized tensors are written a block of rows at a time
+        weights, mlx_config = dense_weights(paths.fused, getattr(mx, cfg.export.dtype), row_blocks)
+        weights = architecture.to_hf_weights(weights, mlx_config)
+        n_tensors, tied = len(weights), "lm_head.weight" not in weights
+    config, changes = hf_config(base_config, cfg.export.dtype, tied=tied)
+    if config.get("tie_word_embeddings") and weights.pop("lm_head.weight", None) is not None:
+        n_tensors -= 1  # tied: transformers reuses embed_tokens
 
     out = paths.hf
     expected = 0 if shared else sum(v.nbytes for v in weights.values())
     with atomic_path(out, expected_bytes=expected, what=f"the Hugging Face export ({cfg.export.dtype})") as tmp:
         tmp.mkdir()
         if shared:
-            weights.clear()
             shards, how = link_shards(shared, tmp)
         else:
             shards, how = save_shards(weights, tmp, max_bytes, row_blocks), "written"

@@ -18,6 +18,7 @@ Output: models/<run>/gguf/<run>-*.gguf, and manifest.json listing each file with
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,16 @@ import click
 from .. import arch, gguf_kinds, gguf_native, imatrix, llamacpp
 from ..adapter_gguf import adapter_gguf_path, native_base_path, paired_base_path, write_adapter_gguf
 from ..errors import MissingInputError, PipelineError
-from ..fsio import atomic_path, ensure_free_space, gguf_size_estimate, hash_model_dir, human_size, sha256_file
+from ..fsio import (
+    atomic_path,
+    disk_usage,
+    ensure_free_space,
+    gguf_size_estimate,
+    hash_model_dir,
+    human_size,
+    scratch_file,
+    sha256_file,
+)
 from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
 from ..modeling import check_weight_files, read_config
 from ..paths import RunPaths
@@ -75,43 +85,60 @@ def convert_to_gguf(cfg) -> GGUFResult:
 
     ensure_free_space(out, gguf_size_estimate(hf, types + [f"{t}-imatrix" for t in imatrix_types]),
                       f"the GGUF files ({', '.join(types)})")
-    source = files[types[0]]
-    for t in types:
-        t0 = time.time()
-        with atomic_path(files[t]) as tmp:
-            if t == types[0]:
-                _step(next(steps), total, t, f"llama.cpp's converter on {hf}")
-                _convert(hf, tmp, cfg.gguf.outtype)
-            else:
-                _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
-                llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
-        _record(timings, t, files[t], t0)
-    if imatrix_types:
-        _step(next(steps), total, "imatrix", f"llama-imatrix over {paths.data}/train.jsonl through the chat template")
-        imatrix_stats = _make_imatrix(cfg, paths, hf, source)
-        for t in imatrix_types:
-            name = f"{t}-imatrix"
-            files[name] = out / f"{cfg.run}-{name}.gguf"
+    outtype = types[0]
+    hashes = BackgroundHashes()
+    # The unquantized file is an output unless gguf.keep_unquantized is off and it is not listed:
+    # then a working file, removed at the end (the largest file, and no export anyone asked for).
+    keep_source = cfg.gguf.keep_unquantized or outtype in [q.upper() for q in cfg.gguf.quantizations]
+    with contextlib.ExitStack() as stack:
+        source = files[outtype] if keep_source else stack.enter_context(scratch_file(files[outtype]))
+        for t in types:
             t0 = time.time()
-            _step(next(steps), total, name, "llama-quantize --imatrix")
-            with atomic_path(files[name]) as tmp:
-                imatrix.quantize_with_imatrix(source, tmp, t, paths.imatrix / "imatrix.gguf", cfg.gguf.threads)
-            types.append(name)
-            _record(timings, name, files[name], t0)
-    if native:
-        t0 = time.time()
-        files[native] = out / f"{cfg.run}-{native}.gguf"
-        _step(next(steps), total, native, f"MLX's quantized weights of {native_paths.fused} as GGUF blocks "
-                                          "(no second quantization)")
-        native_stats = _write_native(cfg, native_paths, source, files[native])
-        if native_stats.get("skipped"):
-            del files[native]
-            click.echo(f"      not exported: {native_stats['skipped']}")
-        else:
-            types.append(native)
-            _record(timings, native, files[native], t0, f": {native_stats['transcoded']} tensors transcoded, "
-                    f"max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
-    parameters = gguf_parameters(source)
+            with contextlib.nullcontext(source) if t == outtype and not keep_source else atomic_path(files[t]) as tmp:
+                if t == outtype:
+                    _step(next(steps), total, t, f"llama.cpp's converter on {hf}" + ("" if keep_source else
+                                                                                      " (a working file)"))
+                    _convert(hf, tmp, cfg.gguf.outtype)
+                else:
+                    _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
+                    llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
+            _record(timings, t, source if t == outtype else files[t], t0)
+            if t != outtype or keep_source:
+                hashes.add(files[t])
+        if imatrix_types:
+            _step(next(steps), total, "imatrix",
+                  f"llama-imatrix over {paths.data}/train.jsonl through the chat template")
+            imatrix_stats = _make_imatrix(cfg, paths, hf, source)
+            for t in imatrix_types:
+                name = f"{t}-imatrix"
+                files[name] = out / f"{cfg.run}-{name}.gguf"
+                t0 = time.time()
+                _step(next(steps), total, name, "llama-quantize --imatrix")
+                with atomic_path(files[name]) as tmp:
+                    imatrix.quantize_with_imatrix(source, tmp, t, paths.imatrix / "imatrix.gguf", cfg.gguf.threads)
+                types.append(name)
+                _record(timings, name, files[name], t0)
+                hashes.add(files[name])
+        if native:
+            t0 = time.time()
+            files[native] = out / f"{cfg.run}-{native}.gguf"
+            _step(next(steps), total, native, f"MLX's quantized weights of {native_paths.fused} as GGUF blocks "
+                                              "(no second quantization)")
+            native_stats = _write_native(cfg, native_paths, source, files[native])
+            if native_stats.get("skipped"):
+                del files[native]
+                click.echo(f"      not exported: {native_stats['skipped']}")
+            else:
+                types.append(native)
+                _record(timings, native, files[native], t0, f": {native_stats['transcoded']} tensors transcoded, "
+                        f"max |GGUF - MLX| {native_stats['max_abs_diff']:.2g}")
+                hashes.add(files[native])
+        parameters = gguf_parameters(source)
+    if not keep_source:
+        types.remove(outtype)
+        del files[outtype]
+        click.echo(f"      removed the working {outtype} file (gguf.keep_unquantized is false and {outtype} "
+                   "is not in gguf.quantizations)")
 
     keep = set(files.values())
     adapter = native_base = None
@@ -127,10 +154,12 @@ def convert_to_gguf(cfg) -> GGUFResult:
     table = [{"type": t, "file": files[t].name, "size_bytes": files[t].stat().st_size,
               "bits_per_weight": round(files[t].stat().st_size * 8 / parameters, 2), "seconds": timings[t]}
              for t in types]
-    entries = {r["type"]: gguf_kinds.entry(_kind(r["type"], types[0], native), r["type"], files[r["type"]],
+    entries = {r["type"]: gguf_kinds.entry(_kind(r["type"], outtype, native), r["type"], files[r["type"]],
+                                           sha256=hashes.get(files[r["type"]]),
                                            **{k: r[k] for k in ("bits_per_weight", "seconds")}) for r in table}
     if adapter:
         entries.update(_pair_entries(cfg, native_base))
+    disk = run_disk_report(paths)
     write_manifest(
         out, "09_convert_to_gguf", cfg, started,
         inputs={"hf": str(hf), "model_type": model_type,
@@ -142,8 +171,10 @@ def convert_to_gguf(cfg) -> GGUFResult:
         imatrix=imatrix_stats,
         toolchain={"llama_cpp_python": llamacpp.VERSION, "converter": str(llamacpp.converter_dir()),
                    "quantizer": str(llamacpp.quantize_binary() or "llama_cpp.llama_model_quantize")},
+        disk=disk,
     )
     click.echo(format_table(table, parameters))
+    click.echo(format_disk(disk))
     done(f"GGUF files ready in {out}")
     return GGUFResult(out, files, table, parameters)
 
@@ -182,6 +213,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     ensure_free_space(prefix.parent, gguf_size_estimate(source, [outtype, *types]),
                       f"the GGUF files ({', '.join(types)})")
     timings: dict[str, float] = {}
+    hashes = BackgroundHashes()
     with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=f".{prefix.name}-work-") as work:
         hf = source
         if is_mlx_folder(source):  # MLX names, maybe quantized: 08 makes the HF folder the converter reads
@@ -197,6 +229,8 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
             _step(next(steps), total, outtype, f"llama.cpp's converter on {hf}")
             _convert(hf, tmp, outtype.lower())
         _record(timings, outtype, unquantized, t0)
+        if outtype in types:
+            hashes.add(unquantized)
         parameters = gguf_parameters(unquantized)
         for t in types:
             if t == outtype:
@@ -206,6 +240,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
                 _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
                 llamacpp.quantize(unquantized, tmp, t, cfg.gguf.threads)
             _record(timings, t, files[t], t0)
+            hashes.add(files[t])
     table = [{"type": t, "file": files[t].name, "size_bytes": files[t].stat().st_size,
               "bits_per_weight": round(files[t].stat().st_size * 8 / parameters, 2), "seconds": timings[t]}
              for t in types]
@@ -213,6 +248,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
         prefix.parent, "09_convert_to_gguf", cfg, started, name=manifest_name,
         inputs={"model": str(source), "model_type": model_type, "content_hash": hash_model_dir(source)},
         outputs={"files": {r["type"]: gguf_kinds.entry(_kind(r["type"], outtype, None), r["type"], files[r["type"]],
+                                                        sha256=hashes.get(files[r["type"]]),
                                                         bits_per_weight=r["bits_per_weight"], seconds=r["seconds"])
                            for r in table}},
         parameters=parameters,
@@ -224,6 +260,23 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     return GGUFResult(prefix.parent, {t: files[t] for t in types}, table, parameters)
 
 
+class BackgroundHashes:
+    """sha256 of each finished output, computed in a thread while llama.cpp makes the next file (its
+    tools run in child processes, and hashlib releases the GIL): the manifest's hashes cost no wait."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.jobs = ThreadPoolExecutor(1, thread_name_prefix="sha256"), {}
+
+    def add(self, path: Path) -> None:
+        self.jobs[Path(path)] = self.pool.submit(sha256_file, path)
+
+    def get(self, path: Path) -> str | None:
+        job = self.jobs.get(Path(path))
+        return job.result() if job else None
+
+
 def is_mlx_folder(model_dir: Path) -> bool:
     """Written by MLX (mlx-lm's save_model marks its safetensors 'mlx'; HF writers mark them 'pt'),
     or quantized the MLX way: either way not what llama.cpp's converter reads."""
@@ -231,9 +284,20 @@ def is_mlx_folder(model_dir: Path) -> bool:
 
     if "quantization" in read_config(model_dir):
         return True
+    if (Path(model_dir) / MANIFEST).is_file() and _is_hf_export(Path(model_dir)):
+        return False  # 08's export, whose shards may be fused/'s own (hard links), marked 'mlx'
     first = sorted(Path(model_dir).glob("*.safetensors"))[0]
     with safe_open(str(first), framework="numpy") as f:
         return (f.metadata() or {}).get("format") == "mlx"
+
+
+def _is_hf_export(model_dir: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((model_dir / MANIFEST).read_text()).get("phase") == "08_convert_to_hf"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_given_files(manifest: Path, files: list[Path]) -> None:
@@ -423,6 +487,23 @@ def _record(timings: dict, key: str, path: Path, t0: float, detail: str = "") ->
 
 def _step(i: int, n: int, type_name: str, how: str) -> None:
     click.echo(f"[{i}/{n}] {type_name}: {how}")
+
+
+def run_disk_report(paths: RunPaths) -> dict:
+    """What the run folder holds on disk, in total and per phase folder (hard links counted once),
+    against its base model: the figure a phase that keeps needless full-precision copies inflates."""
+    usage = disk_usage(paths.root)
+    base = usage["folders"].get(paths.base.name, {}).get("bytes", 0)
+    return {**usage, "base_bytes": base, "x_base": round(usage["total_bytes"] / base, 2) if base else None}
+
+
+def format_disk(disk: dict) -> str:
+    x = f" = {disk['x_base']}x the base model" if disk.get("x_base") else ""
+    lines = [f"\nrun folder on disk: {human_size(disk['total_bytes'])}{x} (hard-linked files counted once)"]
+    for name, part in sorted(disk["folders"].items(), key=lambda kv: -kv[1]["bytes"]):
+        shared = f" (+{human_size(part['shared_bytes'])} shared)" if part["shared_bytes"] else ""
+        lines.append(f"  {name + '/':<18} {human_size(part['bytes']):>9}{shared}")
+    return "\n".join(lines)
 
 
 def format_table(table: list[dict], parameters: int) -> str:

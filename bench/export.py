@@ -1,0 +1,137 @@
+"""08 + 09 (fused MLX model -> Hugging Face -> GGUF) vs llama.cpp's converter + quantizer by hand.
+
+    python -m bench.export                       # Q8_0, 2 repeats (fits make bench's budget)
+    python -m bench.export --types Q8_0,Q4_K_M   # the default export's K-quant too (slower on both sides)
+
+Input: the synthetic 1.2 B Llama (bf16) fused with --de-quantize with bench.inputs' 2-iteration
+adapter, in a run of its own under bench/work/export/ (07 runs once, then is reused).
+Ours: `mlx-pipeline gguf` with only fused/ present, so 08 writes hf/ on the way: llama.cpp's
+converter to F16, then llama.cpp's quantizer (the pinned library, in a child) per type.
+Anchor: what a user does by hand on the same fused/ folder: `convert_hf_to_gguf.py --outtype f16`,
+then `llama-quantize` per type (binaries from `python -m pipeline.llamacpp`).
+Recorded: wall time and peak RSS (the whole process tree) and their ratios; the bytes each side
+leaves on disk, and the run folder's size against the base model's (the disk report of 09).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import harness, inputs
+from .harness import WORK, Cmd
+
+RUN = "export-1b"
+HERE = WORK / "export"
+MODELS = HERE / "runs"
+
+
+def prepared_fused() -> Path:
+    """bench.inputs' 1B run (base, data, 4-bit base, adapter) linked into a run of our own, fused once."""
+    source = inputs.synthetic_run("1b")
+    run_dir = MODELS / RUN
+    for part in ("base", "data", "base-quantized", "adapters"):
+        if not (run_dir / part / "manifest.json").exists():
+            shutil.rmtree(run_dir / part, ignore_errors=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # hard links: every pipeline writer replaces files by rename, so neither run changes the other's
+            subprocess.run(["cp", "-al", str(source / part), str(run_dir / part)], check=True)
+    if not (run_dir / "fused" / "manifest.json").exists():
+        print(f"[export] 07 fuse --de-quantize for the {RUN} run (once)", flush=True)
+        subprocess.run([*inputs.cli(), "fuse", "--de-quantize", *run_args()], check=True)
+    return run_dir
+
+
+def run_args() -> list[str]:
+    config = HERE / f"{RUN}.yaml"
+    text = inputs.run_config("1b").read_text().replace("run: synthetic-1b", f"run: {RUN}")
+    if not config.exists() or config.read_text() != text:
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(text)
+    return ["--config", str(config), "--run", RUN, "--models-dir", str(MODELS)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from pipeline import llamacpp
+    from pipeline.fsio import disk_usage, human_size
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default="Q8_0", help="quantizations, comma-separated (default Q8_0)")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+    types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+
+    run_dir = prepared_fused()
+    fused, by_hand = run_dir / "fused", HERE / "by-hand"
+
+    def clean_ours():
+        for part in ("hf", "gguf"):
+            shutil.rmtree(run_dir / part, ignore_errors=True)
+        shutil.rmtree(by_hand, ignore_errors=True)  # one side's outputs at a time on the disk
+
+    def clean_anchor():
+        clean_ours()
+        by_hand.mkdir(parents=True)
+
+    converter = llamacpp.require_converter() / llamacpp.CONVERTER
+    quantize = llamacpp.tool("llama-quantize")
+    f16 = by_hand / f"{RUN}-F16.gguf"
+    steps = [f"{sys.executable} {converter} {fused} --outfile {f16} --outtype f16"]
+    steps += [f"{quantize} {f16} {by_hand / f'{RUN}-{t}.gguf'} {t}" for t in types]
+    anchor = Cmd(["bash", "-c", " && ".join(steps)], env=llamacpp.converter_env(), before=clean_anchor,
+                 label=f"convert_hf_to_gguf.py --outtype f16 + llama-quantize {' '.join(types)}")
+    ours = Cmd([*inputs.cli(), "gguf", *run_args(), "--quantization", ",".join(types)], before=clean_ours,
+               label=f"mlx-pipeline gguf (08 hf + 09 F16, {', '.join(types)})")
+
+    base_bytes = disk_usage(run_dir)["folders"]["base"]["bytes"]
+    what = (f"08+09 on the synthetic 1.2 B Llama fused --de-quantize (bf16, {human_size(base_bytes)}): "
+            f"F16 + {', '.join(types)}; ours vs llama.cpp's converter + quantizer by hand")
+    disk: dict = {}
+
+    def measure_disk_after(side: str, cmd: Cmd) -> Cmd:
+        def figures(_log: str) -> dict:
+            if side == "ours":
+                usage = disk_usage(run_dir)
+                disk["ours"] = usage
+                written = sum(usage["folders"].get(p, {}).get("bytes", 0) for p in ("hf", "gguf"))
+            else:
+                written = disk_usage(by_hand)["total_bytes"]
+                disk["anchor"] = written
+            return {"written_gb": written / 1e9}
+        cmd.figures = figures
+        return cmd
+
+    row = harness.compare("export-08-09-vs-llama.cpp", measure_disk_after("ours", ours),
+                          measure_disk_after("anchor", anchor), repeats=args.repeats, what=what,
+                          extra={"types": types, "base_bytes": base_bytes})
+    usage = disk["ours"]
+    row["run_folder"] = {"total_bytes": usage["total_bytes"], "x_base": round(usage["total_bytes"] / base_bytes, 2),
+                         "folders": {k: v["bytes"] for k, v in usage["folders"].items()},
+                         "shared_bytes": {k: v["shared_bytes"] for k, v in usage["folders"].items()
+                                          if v["shared_bytes"]}}
+    harness.record("export-08-09-vs-llama.cpp", row)
+    _print_table(row, base_bytes)
+    return row
+
+
+def _print_table(row: dict, base_bytes: int) -> None:
+    o, a, r = row["ours"], row["anchor"], row["ratio"]
+    print(f"\n{row['what']}\n")
+    print("| | wall s | peak RSS GB | x model | written GB |")
+    print("|---|---|---|---|---|")
+    for name, side in (("ours", o), ("by hand", a)):
+        print(f"| {name} | {side['wall_s']:.1f} | {side['peak_rss_gb']:.2f} | "
+              f"{side['peak_rss_gb'] * 1e9 / base_bytes:.2f}x | {side.get('written_gb', 0):.2f} |")
+    print(f"| ratio | {r.get('wall_s', 0):.2f}x | {r.get('peak_rss_gb', 0):.2f}x | | {r.get('written_gb', 0):.2f}x |")
+    rf = row["run_folder"]
+    print(f"\nrun folder: {rf['total_bytes'] / 1e9:.2f} GB = {rf['x_base']}x the base model; "
+          f"{json.dumps({k: round(v / 1e9, 2) for k, v in rf['folders'].items()})} GB; "
+          f"shared (hard links, counted once): {json.dumps({k: round(v / 1e9, 2) for k, v in rf['shared_bytes'].items()})} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Disk and memory of the export (08 hf, 09 gguf) on tiny QLoRA-trained runs: real mlx-lm,
+transformers and llama.cpp, no mocks.
+
+hf/ shares fused/'s files when they hold exactly the export's tensors, and a later re-fuse cannot
+change them through the shared inode; 09 can make its unquantized GGUF a working file and reports
+the run folder's size; the streaming writer's dequantized row blocks equal a whole dequantization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from export_fixtures import PROMPTS, make_cfg, shrink_adapter
+from pipeline import fsio, hf_export
+from pipeline.fsio import disk_usage, hash_model_dir, link_or_copy
+from pipeline.phases.p08_convert_to_hf import convert_to_hf
+
+
+def _inodes(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_ino for f in sorted(folder.glob("*.safetensors"))}
+
+
+def test_hf_links_a_dequantized_fuse_and_a_refuse_leaves_it_intact(export_runs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.phases.p07_fuse_lora import fuse
+
+    fcfg, fused = export_runs.fused("llama", dequantize=True)  # bf16, the export's default dtype
+    root, run = fused.path.parents[1], fused.path.parent
+    result = convert_to_hf(make_cfg(root, run=fcfg.run))
+    hf = result.path
+    assert _inodes(hf) == _inodes(fused.path) and _inodes(hf)  # the same files, no second copy
+    manifest = json.loads((hf / "manifest.json").read_text())
+    assert manifest["outputs"]["shards_from_fused"] == "hard-linked"
+    assert manifest["outputs"]["content_hash"] == hash_model_dir(hf)
+    usage = disk_usage(run)
+    assert usage["folders"]["hf"]["shared_bytes"] == result.size_bytes
+    assert usage["folders"]["hf"]["bytes"] == sum(f.stat().st_size for f in hf.iterdir() if f.suffix != ".safetensors")
+
+    # transformers loads the shared shards (mlx-lm marks them "format": "mlx") and computes the model
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([tok.encode(PROMPTS[0])])).logits).all()
+
+    # A re-fuse with another adapter writes new files (new inodes): hf/ keeps exactly what it exported.
+    shrink_adapter(run, 0.5)
+    refused = fuse(make_cfg(root, run=fcfg.run, fuse__dequantize=True))
+    assert not set(_inodes(refused.path).values()) & set(_inodes(hf).values())
+    assert hash_model_dir(hf) == manifest["outputs"]["content_hash"]
+    assert hash_model_dir(refused.path) != manifest["outputs"]["content_hash"]
+    # ... and 08 run again links the new fuse.
+    assert _inodes(convert_to_hf(make_cfg(root, run=fcfg.run)).path) == _inodes(refused.path)
+
+
+def test_hf_of_another_dtype_is_written_not_linked(export_runs):
+    fcfg, fused = export_runs.fused("llama", dequantize=True)
+    root = fused.path.parents[1]
+    hf = convert_to_hf(make_cfg(root, run=fcfg.run, export__dtype="float32")).path
+    assert not set(_inodes(hf).values()) & set(_inodes(fused.path).values())
+    assert json.loads((hf / "manifest.json").read_text())["outputs"]["shards_from_fused"] is None
+
+
+def test_dequantized_row_blocks_equal_a_whole_dequantization(export_runs, tmp_path, monkeypatch):
+    """The writer's bounded-memory path (rows dequantized a block at a time) on a tiny model:
+    blocks made small so that every quantized tensor is written in several."""
+    import mlx.core as mx
+
+    _, fused = export_runs.fused("llama", dequantize=False)
+    whole, _ = hf_export.dense_weights(fused.path, mx.float32)
+    blocks: dict = {}
+    weights, _ = hf_export.dense_weights(fused.path, mx.float32, blocks)
+    assert blocks and set(blocks) <= set(weights)
+    monkeypatch.setattr(hf_export, "BLOCK_BYTES", 4096)
+    hf_export.save_shards(weights, tmp_path, 10**9, blocks)
+    assert not weights and not blocks  # consumed: nothing held once written
+    written = mx.load(str(tmp_path / "model.safetensors"))
+    assert set(written) == set(whole)
+    for k, v in whole.items():
+        assert mx.array_equal(written[k], v).item(), k
+
+
+def test_gguf_working_f16_removed_and_disk_reported(export_runs):
+    from pipeline.phases.p09_convert_to_gguf import convert_to_gguf, is_mlx_folder
+
+    fcfg, fused = export_runs.fused("llama", dequantize=True)
+    root, run = fused.path.parents[1], fused.path.parent
+    convert_to_hf(make_cfg(root, run=fcfg.run))  # bf16: fused/'s own files
+    cfg = make_cfg(root, run=fcfg.run, gguf__quantizations="Q8_0", gguf__keep_unquantized=False)
+    result = convert_to_gguf(cfg)
+    assert not is_mlx_folder(run / "hf")  # 08's export, though its shards are fused/'s
+    assert list(result.files) == ["Q8_0"]
+    assert sorted(p.name for p in (run / "gguf").iterdir()) == sorted(["manifest.json", f"{fcfg.run}-Q8_0.gguf"])
+    manifest = json.loads((run / "gguf" / "manifest.json").read_text())
+    assert list(manifest["outputs"]["files"]) == ["Q8_0"]
+    disk = manifest["disk"]
+    now = disk_usage(run)
+    assert set(disk["folders"]) == set(now["folders"]) and disk["base_bytes"] == now["folders"]["base"]["bytes"]
+    assert disk["folders"]["gguf"]["bytes"] == result.files["Q8_0"].stat().st_size  # before its manifest
+    assert disk["x_base"] == round(disk["total_bytes"] / disk["base_bytes"], 2)
+    assert disk["folders"]["hf"]["shared_bytes"] > 0
+
+    # Listed in gguf.quantizations, the unquantized file is an output again.
+    result = convert_to_gguf(make_cfg(root, run=fcfg.run, gguf__quantizations="F16,Q8_0",
+                                      gguf__keep_unquantized=False))
+    assert list(result.files) == ["F16", "Q8_0"] and result.files["F16"].is_file()
+
+
+def test_disk_usage_counts_a_hard_linked_file_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "w.bin").write_bytes(b"x" * 1000)
+    os.link(tmp_path / "a" / "w.bin", tmp_path / "b" / "w.bin")
+    (tmp_path / "b" / "c.json").write_bytes(b"{}")
+    usage = disk_usage(tmp_path)
+    assert usage == {"total_bytes": 1002, "folders": {"a": {"bytes": 1000, "shared_bytes": 0},
+                                                      "b": {"bytes": 2, "shared_bytes": 1000}}}
+
+
+def test_link_or_copy_copies_across_file_systems(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights")
+    dst = shm / f"export-disk-test-{os.getpid()}.bin"
+    try:
+        assert link_or_copy(src, dst) == "copied" and dst.read_bytes() == b"weights"
+    finally:
+        dst.unlink(missing_ok=True)
+    assert link_or_copy(src, tmp_path / "same.bin") == "hard-linked"
+    assert (tmp_path / "same.bin").stat().st_ino == src.stat().st_ino
+
+
+def test_scratch_file_is_cleaned_after_a_crash_and_removed_on_exit(tmp_path):
+    final = tmp_path / "t-F16.gguf"
+    with fsio.scratch_file(final) as tmp:
+        tmp.write_bytes(b"working")
+        fsio.clean_stale(tmp_path)  # our own live working file is not stale
+        assert tmp.exists() and tmp.name.startswith(".t-F16.gguf.tmp-")
+    assert not list(tmp_path.iterdir())
