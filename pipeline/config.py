@@ -158,6 +158,11 @@ class GGUFConfig:
         env="QUANTS",
     )
     threads: int = opt(0, "Quantizer threads (0 = all cores).", minimum=0)
+    keep_unquantized: bool = opt(
+        True,
+        "Keep the converter's unquantized GGUF (gguf.outtype) as an output, verified with the others. False: "
+        "it is a working file, removed once the quantized files are made (listing F16 in gguf.quantizations keeps it).",
+    )
     native: bool = opt(
         False,
         "Also write the fused MLX-quantized weights as GGUF Q4_1/Q5_1 blocks holding the same values "

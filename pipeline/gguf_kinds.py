@@ -67,10 +67,11 @@ def get(name: str) -> Kind:
                             "written by another version. Run `make gguf` (or `mlx-pipeline gguf`) again.") from None
 
 
-def entry(kind: Kind, key: str, path, **extra) -> dict:
-    """A gguf/manifest.json files entry: the file, its kind and the key `--type` matches."""
+def entry(kind: Kind, key: str, path, sha256: str | None = None, **extra) -> dict:
+    """A gguf/manifest.json files entry: the file, its kind and the key `--type` matches. `sha256`: the
+    file's, when the caller already hashed it (09 hashes each file while the next one is made)."""
     return {"type": key, "kind": kind.name, "file": path.name, "path": str(path), "size_bytes": path.stat().st_size,
-            "sha256": sha256_file(path), **extra}
+            "sha256": sha256 or sha256_file(path), **extra}
 
 
 def pair_key(base_key: str) -> str:
