@@ -137,7 +137,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: int, evaluate=None) -> int:
+def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: int, evaluate=None) -> dict:
     """Write lazy `weights` (mlx-lm's names) in mlx-lm's `save_model` layout (shards of at most
     MAX_FILE_SIZE_GB, model.safetensors.index.json), computing and writing one module at a time.
 
@@ -145,7 +145,7 @@ def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: in
     evaluated together (`evaluate(module_name, arrays)`, default `mx.eval`; the caller may evaluate
     more with them, such as per-layer statistics), written, and dropped. `weights` is consumed:
     the caller must hold no other reference to its arrays (drop the model), or they stay in memory.
-    Returns the bytes written.
+    Returns the sha256 of each file written, by name.
     """
     from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
@@ -156,19 +156,22 @@ def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: in
     weights.clear()
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
+    weight_map, hashes = {}, {}
     for i, name in enumerate(names):
         shard, shards[i] = shards[i], None
         weight_map.update(dict.fromkeys(shard, name))
-        _write_safetensors(out_dir / name, shard, evaluate or (lambda _, arrays: mx.eval(arrays)))
+        hashes[name] = _write_safetensors(out_dir / name, shard, evaluate or (lambda _, arrays: mx.eval(arrays)))
     index = {"metadata": {"total_size": total, "total_parameters": total_parameters},
              "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-    return total
+    return hashes
 
 
-def _write_safetensors(path: Path, tensors: dict, evaluate) -> None:
-    """The header first (shapes and dtypes are known before evaluation), then each module's tensors."""
+def _write_safetensors(path: Path, tensors: dict, evaluate) -> str:
+    """The header first (shapes and dtypes are known before evaluation), then each module's tensors.
+    Returns the file's sha256, taken while writing."""
+    import hashlib
+
     groups: dict[str, list[str]] = {}
     for k in tensors:
         groups.setdefault(k.rpartition(".")[0], []).append(k)
@@ -180,10 +183,127 @@ def _write_safetensors(path: Path, tensors: dict, evaluate) -> None:
         offset += v.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for module, group in groups.items():
-            evaluate(module, [tensors[k] for k in group])
-            for k in group:
-                f.write(memoryview(mx.contiguous(tensors.pop(k))))
-            mx.clear_cache()  # MLX keeps freed buffers for reuse; a fuse never needs them again
+        for data in _tensor_bytes(len(blob).to_bytes(8, "little") + blob, groups, tensors, evaluate):
+            digest.update(data)
+            f.write(data)
+    return digest.hexdigest()
+
+
+def _tensor_bytes(head: bytes, groups: dict, tensors: dict, evaluate):
+    yield head
+    for module, group in groups.items():
+        evaluate(module, [tensors[k] for k in group])
+        for k in group:
+            yield memoryview(mx.contiguous(tensors.pop(k)))
+        mx.clear_cache()  # MLX keeps freed buffers for reuse; a fuse never needs them again
+
+
+def weight_arrays(m: nn.Module) -> dict:
+    """A Linear/Embedding layer's weight arrays and quantization, as they are now (a later cast or
+    update replaces them in the layer, not in this dict)."""
+    out = {"weight": m.weight}
+    if "scales" in m:
+        out.update(scales=m.scales, biases=m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
+    return out
+
+
+def dense_rows(w: dict, rows: slice):
+    """Rows of a weight (`weight_arrays`) in float32; quantized ones dequantized (quantization runs along
+    rows, so a slice of rows needs only its own groups)."""
+    if "scales" not in w:
+        return w["weight"][rows].astype(mx.float32)
+    biases = w["biases"]
+    return mx.dequantize(w["weight"][rows], w["scales"][rows].astype(mx.float32),
+                         None if biases is None else biases[rows].astype(mx.float32),
+                         group_size=w["group_size"], bits=w["bits"], mode=w["mode"])
+
+
+STREAM_ROWS = 8192  # output rows of a weight turned into float32 at a time (the vocabulary projection)
+
+
+def load_streamed(model_dir: str | Path, adapters: str | Path | None = None) -> nn.Module:
+    """A model (optionally with its adapter) for one `forward_streamed` pass in float32, loaded lazily:
+    weights are read from disk when their decoder block runs and dropped after it, and linear layers
+    turn their stored weights (bf16, or quantized) into float32 one layer at a time. Memory: about
+    one block in its stored form plus one layer in float32, whatever the model's size."""
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    check_weight_files(model_dir)
+    normalised = dict(cfg)
+    arch.normalise_config(normalised)
+    overrides = {k: v for k, v in normalised.items() if cfg.get(k) != v}
+    try:
+        model, _ = mlx_load_model(model_dir, lazy=True, model_config=overrides)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise PipelineError(f"mlx-lm could not load {model_dir}: {e}") from None
+    if adapters is not None:
+        load_adapters(model, str(adapters))
+    model.eval()
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+            _swap_class(m, {"__call__": _linear_float32})
+        elif isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)):
+            _swap_class(m, {"__call__": _embedding_float32, "as_linear": _linear_float32})
+        else:  # norms, adapters, and layers of other kinds: their own arrays, in float32
+            own = {k: v.astype(mx.float32) for k, v in m.items()
+                   if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)}
+            m.update(own)
+    for block in model.layers:
+        _swap_class(block, {"__call__": _run_then_drop})
+    return model
+
+
+def forward_streamed(model: nn.Module, rows: list[list[int]]):
+    """Float32 logits (batch, longest row, vocabulary) of `rows` in one pass through a `load_streamed`
+    model, which it uses up (each block's weights are dropped after it ran). Rows are padded at the
+    end: a causal model's logits at a row's own positions do not depend on what follows them."""
+    width = max(len(r) for r in rows)
+    tokens = mx.array([r + [0] * (width - len(r)) for r in rows])
+    logits = model(tokens).astype(mx.float32)
+    mx.eval(logits)
+    return logits
+
+
+_SWAPPED: dict = {}
+
+
+def _swap_class(m: nn.Module, methods: dict) -> None:
+    """Give one module instance other methods (its class's subclass): what it holds stays as it is."""
+    cls = type(m)
+    key = (cls, tuple(sorted(methods)), tuple(methods.values()))
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(f"Streamed{cls.__name__}", (cls,), dict(methods))
+    m.__class__ = _SWAPPED[key]
+
+
+def _linear_float32(self, x):
+    w, n = weight_arrays(self), self.weight.shape[0]
+    x = x.astype(mx.float32)
+    parts = []
+    for start in range(0, n, STREAM_ROWS):
+        parts.append(x @ dense_rows(w, slice(start, start + STREAM_ROWS)).T)
+        mx.eval(parts[-1])  # one weight (slice) in float32 at a time, not a block's worth
+    y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    return y + self.bias.astype(mx.float32) if "bias" in self else y
+
+
+def _embedding_float32(self, x):
+    if "scales" not in self:
+        return self.weight[x].astype(mx.float32)
+    biases = self.get("biases")
+    return mx.dequantize(self.weight[x], self.scales[x].astype(mx.float32),
+                         None if biases is None else biases[x].astype(mx.float32),
+                         group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+
+def _run_then_drop(self, *args, **kwargs):
+    out = type(self).__mro__[1].__call__(self, *args, **kwargs)
+    mx.eval(out)
+    self.update(tree_map(lambda _: mx.array([]), self.parameters()))  # used once: free its weights
+    mx.clear_cache()  # and give their buffers back (MLX keeps freed buffers for reuse)
+    return out

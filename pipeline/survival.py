@@ -27,6 +27,9 @@ from . import agreement
 # (98.3 % unfused): half of the KL gap already loses the task, so 0.5 was too lenient.
 MAX_KL_RATIO = 0.25
 E2E_ROWS = 4
+# The end-to-end check runs 3 models over its rows: rows' tokens x parameters kept within this many
+# (SmolLM2-135M: its 4 rows; a 1 B model: 1 row, ~85 tokens; 8 B: 1 row).
+E2E_BUDGET = 1e11
 WORST_LAYERS = 5
 SAMPLED_ROWS = 512  # per fused linear layer, for the per-layer figures
 SPAN = "answer"  # the fine-tune shows in the answers; the prompt tokens would dilute it
@@ -74,7 +77,7 @@ def summarize_layers(stats: list[dict]) -> dict:
 def layer_figures(lora, fused, requantized: dict | None = None):
     """Lazy squared norms of one fused layer, in float32: [||dW||², ||W_fused - W||²,
     ||W_fused - (W + dW)||²] and, given the `requantized` layer's arrays before the final cast
-    (`weights_of`), ||requantized - (W + dW)||².
+    (`modeling.weight_arrays`), ||requantized - (W + dW)||².
 
     `lora` is the LoRA/DoRA layer that was fused (its inner layer holds W, the weights it was
     fused into); `fused` the layer as stored (after re-quantization / the final cast). Lazy, so
@@ -86,91 +89,116 @@ def layer_figures(lora, fused, requantized: dict | None = None):
     from mlx_lm.tuner.dora import DoRALinear
     from mlx_lm.tuner.lora import LoRALinear
 
+    from .modeling import dense_rows, weight_arrays
+
     if isinstance(lora, (LoRALinear, DoRALinear)):
         rows = slice(None, None, max(1, lora.linear.weight.shape[0] // SAMPLED_ROWS))
-        w0 = _dense_rows(weights_of(lora.linear), rows)
+        w0 = dense_rows(weight_arrays(lora.linear), rows)
         adapted = w0 + (lora.scale * lora.lora_b.T[rows].astype(mx.float32)) @ lora.lora_a.T.astype(mx.float32)
         if isinstance(lora, DoRALinear):  # as its fuse(): rows rescaled to the learned magnitudes
             adapted = (lora.m[rows].astype(mx.float32) / mx.linalg.norm(adapted, axis=1))[:, None] * adapted
     else:  # embeddings, experts: every row, through the layer's own fuse
         rows = slice(None)
         inner = lora["linear"] if "linear" in lora else lora["embedding"]
-        w0 = _dense_rows(weights_of(inner), rows)
+        w0 = dense_rows(weight_arrays(inner), rows)
         adapted = lora.fuse(dequantize=True).weight.astype(mx.float32)
     exact = adapted - w0
-    moved = _dense_rows(weights_of(fused), rows) - w0
+    moved = dense_rows(weight_arrays(fused), rows) - w0
     parts = [(exact * exact).sum(), (moved * moved).sum(), ((moved - exact) ** 2).sum()]
     if requantized is not None:
-        err = _dense_rows(requantized, rows) - adapted
+        err = dense_rows(requantized, rows) - adapted
         parts.append((err * err).sum())
     return mx.stack(parts)
 
 
-def weights_of(m) -> dict:
-    """A layer's weight arrays and quantization, as they are now (a later cast replaces them)."""
-    out = {"weight": m.weight}
-    if "scales" in m:
-        out.update(scales=m.scales, biases=m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
-    return out
-
-
-def _dense_rows(w: dict, rows: slice):
-    """Rows of a layer's weight as float32 (quantized ones dequantized: quantization runs along rows)."""
-    import mlx.core as mx
-
-    if "scales" not in w:
-        return w["weight"][rows].astype(mx.float32)
-    biases = w["biases"]
-    return mx.dequantize(w["weight"][rows], w["scales"][rows].astype(mx.float32),
-                         None if biases is None else biases[rows].astype(mx.float32),
-                         group_size=w["group_size"], bits=w["bits"], mode=w["mode"])
-
-
 def end_to_end(train_base: Path, adapters: Path, fused: Path, fused_into: Path, valid: Path,
-               n_rows: int = E2E_ROWS) -> dict | None:
+               parameters: int = 0, n_rows: int = E2E_ROWS) -> dict | None:
     """KL(trained || fused) and KL(trained || base) over the answer tokens of a few validation rows,
     float32 (pipeline/agreement.py, span "answer").
 
     trained = `train_base` + adapter (what training optimised); base = `fused_into` (what the
-    adapter was added to: the training base, or the original base for --rebase). Models are
-    loaded one at a time. Returns None when there are no chat/completions validation rows.
+    adapter was added to: the training base, or the original base for --rebase). Each model is
+    run once over all rows, streamed (pipeline/modeling.py: one block's weights in memory at a
+    time); trained and base share that pass when the base is the training base and the adapter is
+    plain LoRA. Rows are taken while rows' tokens x `parameters` stay within E2E_BUDGET (at least
+    one). Returns None when there are no chat/completions validation rows.
     """
-    import gc
-
-    from mlx_lm.tuner.utils import load_adapters
-
-    from .modeling import load_model
+    from mlx_lm.utils import load_tokenizer
 
     rows = agreement.read_rows(valid, n_rows, required=False)
     if not rows:
         return None
-    model, tokenizer, _ = load_model(train_base, "float32")
-    convs = agreement.conversations(tokenizer, rows)
-    base = agreement.cached(agreement.mlx_scorer(model), convs, SPAN) if Path(fused_into) == Path(train_base) else None
-    load_adapters(model, str(adapters))
-    model.eval()
-    trained = agreement.cached(agreement.mlx_scorer(model), convs, SPAN)
-    del model
-    gc.collect()
-    if base is None:
-        model, _, _ = load_model(fused_into, "float32")
-        base = agreement.cached(agreement.mlx_scorer(model), convs, SPAN)
-        del model
-        gc.collect()
+    convs = _within_budget(agreement.conversations(load_tokenizer(Path(train_base)), rows), parameters)
+    if Path(fused_into) == Path(train_base):
+        trained, base = _trained_and_base(train_base, adapters, convs)
+    else:
+        trained, base = _scores(train_base, convs, adapters), _scores(fused_into, convs)
     to_base = agreement.compare(trained, base, convs, SPAN)
     del base
-    model, _, _ = load_model(fused, "float32")
-    to_fused = agreement.compare(trained, agreement.mlx_scorer(model), convs, SPAN)
-    del model
-    gc.collect()
+    to_fused = agreement.compare(trained, _scores(fused, convs), convs, SPAN)
     return {
-        "rows": len(rows),
+        "rows": len(convs),
         "positions": to_fused["positions"],
         "kl_trained_vs_fused": to_fused["kl"],
         "kl_trained_vs_base": to_base["kl"],
         "ratio": (to_fused["kl"] / to_base["kl"]) if to_base["kl"] > 0 else None,
         "base": str(fused_into),
     }
+
+
+def _within_budget(convs: list, parameters: int) -> list:
+    taken, tokens = [], 0
+    for c in convs:
+        tokens += len(c.ids)
+        if taken and tokens * parameters > E2E_BUDGET:
+            break
+        taken.append(c)
+    return taken
+
+
+def _scores(model_dir: Path, convs: list, adapters: Path | None = None, gate: bool = False):
+    """A scorer (agreement.Scorer) holding the log-probabilities of one streamed pass over `convs`.
+    `gate`: the rows are run twice, the second time with every LoRA layer's scale 0 (the base);
+    returns (with adapter, without) then."""
+    import numpy as np
+
+    from .modeling import forward_streamed, load_streamed
+
+    model = load_streamed(model_dir, adapters)
+    rows = [c.ids for c in convs]
+    if gate:
+        _gate_adapters(model, len(convs))
+        rows = rows + rows
+    logits = forward_streamed(model, rows)
+    del model
+    out = []
+    for half in range(2 if gate else 1):
+        memo = {}
+        for i, c in enumerate(convs):
+            s = c.positions(SPAN)
+            memo[id(c)] = agreement.log_softmax(np.array(logits[half * len(convs) + i, s.start:s.stop]))
+        out.append(lambda conv, span, memo=memo: memo[id(conv)])
+    return (out[0], out[1]) if gate else out[0]
+
+
+def _trained_and_base(train_base: Path, adapters: Path, convs: list):
+    """Both in one pass when every adapter layer is plain LoRA (its scale can be gated per row)."""
+    import json
+
+    kind = json.loads((Path(adapters) / "adapter_config.json").read_text()).get("fine_tune_type", "lora")
+    if kind == "lora":
+        return _scores(train_base, convs, adapters, gate=True)
+    return _scores(train_base, convs, adapters), _scores(train_base, convs)
+
+
+def _gate_adapters(model, n: int) -> None:
+    """Rows [0, n) with the adapter, rows [n, 2n) without: each LoRA layer's scale becomes per row."""
+    import mlx.core as mx
+    from mlx_lm.tuner.lora import LoRALinear
+
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.scale = mx.array([float(m.scale)] * n + [0.0] * n, dtype=mx.float32).reshape(-1, 1, 1)
 
 
 def lost(report: dict) -> bool:

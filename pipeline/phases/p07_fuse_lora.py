@@ -28,7 +28,7 @@ from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
 from ..hf_export import TOKENIZER_FILES, copy_tokenizer_files  # noqa: F401 (tests name them here)
 from ..manifest import MANIFEST, read_manifest, write_manifest
-from ..modeling import check_weight_files
+from ..modeling import check_weight_files, weight_arrays
 from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from ..survival import (
     end_to_end,
@@ -38,7 +38,6 @@ from ..survival import (
     lost_message,
     summarize_layers,
     summary_lines,
-    weights_of,
 )
 from ..untrusted.safetensors_header import check_safetensors
 from .common import done, start_phase
@@ -84,11 +83,12 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         base, base_hash, trained_on = check_rebase(cfg, paths, adapter_cfg)
     else:
         base = paths.train_base
+        known_hash = None
         if given and not (base / MANIFEST).is_file():
             check_weight_files(base)  # a folder from elsewhere: headers validated before MLX reads it
-        else:
-            read_manifest(base, "quantize" if cfg.quantize.enabled else "base")
-        base_hash = check_same_base(adapter_cfg, paths.adapters, base)
+        else:  # its content hash, verified against the files by read_manifest
+            known_hash = read_manifest(base, "quantize" if cfg.quantize.enabled else "base")["outputs"]["content_hash"]
+        base_hash = check_same_base(adapter_cfg, paths.adapters, base, known_hash)
         trained_on = None
 
     # The genuine model, lazily: quantized layers stay quantized (not pipeline.modeling's CPU form);
@@ -122,18 +122,19 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     scale_bits = _scale_bits(model)
     weights = dict(tree_flatten(model.parameters()))
     del model  # the weights dict now holds the only references: each tensor is freed once written
+    check_memory(weights, paths.adapters, dequantize)
 
     out = paths.fused
     expected = sum(v.nbytes for v in weights.values())  # what is written
     with atomic_path(out, expected_bytes=expected, what="the fused model") as tmp:
-        stats = _write_fused(tmp, weights, parameters, figures)
+        stats, file_hashes = _write_fused(tmp, weights, parameters, figures)
         save_config(dict(config), tmp / "config.json")
         copy_tokenizer_files(paths.base if (paths.base / "config.json").is_file() else base, tmp)
         survival = {"layers": summarize_layers(stats)}
         delta_error = _delta_error(stats)
         if fused and paths.data is not None:  # end to end: adapter layers (not full fine-tuning) and data
             survival["end_to_end"] = end_to_end(paths.train_base if rebase else base, paths.adapters, tmp, base,
-                                                paths.data / "valid.jsonl")
+                                                paths.data / "valid.jsonl", parameters)
         survival["lost"] = lost(survival)
         survival_text = summary_lines(survival)
         if survival["lost"] and strict:
@@ -155,7 +156,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         write_manifest(
             tmp, "07_fuse_lora", cfg, started,
             inputs=inputs,
-            outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "size_bytes": sizes["fused"]},
+            outputs={"path": str(out), "content_hash": content_hash(tmp, file_hashes), "size_bytes": sizes["fused"]},
             dequantized=dequantize,
             rebased=rebase,
             original_base_content_hash=base_hash if rebase else None,
@@ -193,10 +194,11 @@ def check_rebase(cfg, paths: RunPaths, adapter_cfg: dict) -> tuple[Path, str, di
             "fuse without --rebase (use --de-quantize for full precision).")
     quantized_manifest = read_manifest(paths.quantized, "quantize")
     base_manifest = read_manifest(paths.base, "base")
-    quantized_hash = check_same_base(adapter_cfg, paths.adapters, paths.quantized)
+    quantized_hash = check_same_base(adapter_cfg, paths.adapters, paths.quantized,
+                                     quantized_manifest["outputs"]["content_hash"])
     made_from = (quantized_manifest.get("inputs") or {}).get("base_content_hash")
     base_hash = (base_manifest.get("outputs") or {}).get("content_hash")
-    actual = hash_model_dir(paths.base)
+    actual = hash_model_dir(paths.base) if not base_hash else base_hash  # verified by read_manifest
     if not made_from or made_from != base_hash or actual != base_hash:
         raise PipelineError(
             f"--rebase refused: the quantized base the adapter was trained on ({paths.quantized}) was made from "
@@ -243,11 +245,11 @@ def read_adapter(adapters: Path, given: bool) -> dict:
         raise PipelineError(f"{adapters}/adapter_config.json is not valid JSON ({e}).") from None
 
 
-def check_same_base(adapter_cfg: dict, adapters: Path, base: Path) -> str:
+def check_same_base(adapter_cfg: dict, adapters: Path, base: Path, known_hash: str | None = None) -> str:
     """Refuse an adapter trained on another base: its deltas would be added to the wrong weights.
     An adapter made outside the pipeline records no hash: mlx-lm's shape checks are all there is."""
     recorded = adapter_cfg.get("base_model") or {}
-    actual = hash_model_dir(base)
+    actual = known_hash or hash_model_dir(base)
     if "content_hash" not in recorded:
         click.echo(f"note: {adapters} records no base model hash (not made by `mlx-pipeline train`); "
                    "only the shapes of its layers are checked against the base.")
@@ -284,7 +286,7 @@ def fuse_layers(model, dequantize: bool, adapted: dict | None = None) -> tuple[i
         cast_floats(m, mx.float32)
         layer = m.fuse(dequantize=dequantize)
         if _is_quantized(layer):
-            requantized[name] = weights_of(layer)
+            requantized[name] = weight_arrays(layer)
         fused.append((name, layer))
         if adapted is not None:
             adapted[name] = m  # for the survival report (pipeline/survival.py)
@@ -293,7 +295,7 @@ def fuse_layers(model, dequantize: bool, adapted: dict | None = None) -> tuple[i
     return len(fused), requantized
 
 
-def _write_fused(out: Path, weights: dict, parameters: int, figures: dict) -> list[dict]:
+def _write_fused(out: Path, weights: dict, parameters: int, figures: dict) -> tuple[list[dict], dict]:
     """Write the fused weights module by module (pipeline/modeling.py), computing each fused layer's
     survival figures with it, so that the base weights it was fused into are read once and freed."""
     import mlx.core as mx
@@ -308,9 +310,80 @@ def _write_fused(out: Path, weights: dict, parameters: int, figures: dict) -> li
         if f is not None:
             stats.append(layer_stats(module, f.tolist()))
 
-    save_model_streamed(out, weights, parameters, evaluate)
+    file_hashes = save_model_streamed(out, weights, parameters, evaluate)
     stats += [layer_stats(name, f.tolist()) for name, f in figures.items()]  # none left in practice
-    return stats
+    return stats, file_hashes
+
+
+def content_hash(folder: Path, file_hashes: dict) -> str:
+    """fsio.hash_model_dir's value from the weights' sha256 taken while writing them (a second read
+    of a large model costs seconds); config.json is hashed here."""
+    import hashlib
+
+    from ..fsio import model_files, sha256_file
+
+    h = hashlib.sha256()
+    for f in model_files(folder):
+        h.update(f.name.encode() + b"\0" + (file_hashes.get(f.name) or sha256_file(f)).encode() + b"\n")
+    return h.hexdigest()
+
+
+# Memory a streamed fuse needs beyond its largest layer: the interpreter, MLX, mlx-lm and the
+# tokenizer (measured 0.27 GB after imports; 0.55 GB peak for a 1.2 B --no-dequantize fuse).
+PROCESS_BYTES = 600 << 20
+# Bytes per weight of the largest layer while it is fused: float32 W and W + dW, the stored copy.
+WORK_BYTES_PER_WEIGHT = 10
+
+
+def check_memory(weights: dict, adapters: Path, dequantize: bool) -> None:
+    """Refuse before writing anything when this machine lacks the memory the fuse needs.
+
+    The fuse holds one layer at a time (plus the adapter), not the model: a de-quantized output
+    larger than memory is written fine, and 08 / 09 stream it too; only loading it whole in MLX
+    later (06 generate, 10 verify) needs its size in memory, which is said here.
+    """
+    largest = max((v.size for v in weights.values()), default=0)
+    output = sum(v.nbytes for v in weights.values())
+    needed = PROCESS_BYTES + largest * WORK_BYTES_PER_WEIGHT + (adapters / "adapters.safetensors").stat().st_size
+    available = available_memory()
+    if available is None:
+        return
+    if needed > available:
+        raise PipelineError(
+            f"07 fuse needs about {human_size(needed)} of memory (the fused model, {human_size(output)}, is "
+            f"written one layer at a time; its largest layer has {largest:,} weights, computed in float32), "
+            f"but only {human_size(available)} is available now. Close other programs, or fuse on a machine "
+            "with more memory" + (" (--no-dequantize keeps the output at the quantized size)." if dequantize
+                                  else "."))
+    if dequantize and output > available:
+        click.secho(f"note: the de-quantized model ({human_size(output)}) is larger than the memory available now "
+                    f"({human_size(available)}). It is written layer by layer, and 08 hf / 09 gguf stream it, but "
+                    "loading it whole in MLX (06 generate, 10 verify's reference) will not fit on this machine; "
+                    "--no-dequantize keeps the fused model at the quantized size.", fg="yellow")
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give a new process now without swapping: MemAvailable on Linux; on macOS
+    free + inactive + speculative + purgeable pages (vm_stat). None when unknown."""
+    import re
+    import subprocess
+    import sys
+
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        page = int(m.group(1)) if (m := re.search(r"page size of (\d+) bytes", out)) else 16384
+        pages = {k: int(v) for k, v in re.findall(r"^(Pages [^:]+):\s+(\d+)\.?$", out, re.M)}
+        return page * sum(pages.get(f"Pages {k}", 0) for k in ("free", "inactive", "speculative", "purgeable"))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _delta_error(stats: list[dict]) -> float | None:
