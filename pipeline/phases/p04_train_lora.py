@@ -106,13 +106,8 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
         keys = arch.resolve_targets(config["model_type"], t.targets)
         lora_parameters = {"rank": t.rank, "scale": t.alpha / t.rank, "dropout": t.dropout, "keys": keys}
         _apply_lora(model, num_layers, lora_parameters, t.fine_tune_type == "dora", t.targets)
-    if not is_cpu() and not os.environ.get("MLX_PIPELINE_QUANTIZED_MATMUL"):
-        # GPU: quantized layers multiply through dequantize + bf16 matmul, ~2x MLX's quantized_matmul
-        # there (pipeline/qlora.py); MLX_PIPELINE_QUANTIZED_MATMUL=1 keeps MLX's kernel, for comparison.
-        from ..qlora import use_dequantized_matmul
-
-        if swapped := use_dequantized_matmul(model):
-            click.echo(f"QLoRA: {swapped} quantized layers train through dequantize + {dtype_name} matmul")
+    if not is_cpu():
+        _use_gpu_layers(model, dtype_name)
     params = count_parameters(model)
     click.echo(
         f"parameters: total {params['total']:,} | trainable {params['trainable']:,} "
@@ -284,6 +279,18 @@ def _apply_lora(model, num_layers: int, lora_parameters: dict, use_dora: bool, t
             f"Linear modules in its layers: {', '.join(linear)}."
         )
     linear_to_lora_layers(model, num_layers, dict(lora_parameters, keys=keys), use_dora=use_dora)
+
+
+def _use_gpu_layers(model, dtype_name: str) -> None:
+    """GPU backends: quantized layers multiply through dequantize + bf16 matmul (~2x MLX's
+    quantized_matmul there) and LoRA products run in bf16 (pipeline/qlora.py). For comparisons,
+    MLX_PIPELINE_QUANTIZED_MATMUL=1 keeps MLX's kernel, MLX_PIPELINE_FP32_LORA=1 mlx-lm's products."""
+    from ..qlora import use_compute_dtype_lora, use_dequantized_matmul
+
+    if not os.environ.get("MLX_PIPELINE_QUANTIZED_MATMUL") and (n := use_dequantized_matmul(model)):
+        click.echo(f"QLoRA: {n} quantized layers train through dequantize + {dtype_name} matmul")
+    if not os.environ.get("MLX_PIPELINE_FP32_LORA") and (n := use_compute_dtype_lora(model)):
+        click.echo(f"LoRA: {n} adapters multiply in {dtype_name} (their weights and optimizer stay float32)")
 
 
 def _datasets(data_dir: Path, tokenizer, t):
