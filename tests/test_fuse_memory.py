@@ -1,0 +1,132 @@
+"""07 fuse in bounded memory: the streamed writer and forward pass compute what the whole-model
+paths compute, and a machine without the memory a fuse needs is refused before anything is written.
+Real MLX and mlx-lm on the tiny trained runs of tests/export_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from export_fixtures import PROMPTS, copy_run, make_cfg
+from pipeline import survival
+from pipeline.errors import PipelineError
+from pipeline.fsio import hash_model_dir, sha256_file
+from pipeline.phases import p07_fuse_lora
+from pipeline.phases.p07_fuse_lora import fuse
+
+FLOAT32_TOL = 1e-4  # float32 summation order only (as in test_p07_fuse)
+
+
+def test_streamed_writer_matches_mlx_lm_save_model(export_runs, tmp_path):
+    """save_model_streamed writes the tensors, index and layout of mlx-lm's save_model, and the
+    sha256 it reports is the file's."""
+    from mlx_lm.utils import get_total_parameters, load_model, save_model
+
+    from pipeline.modeling import save_model_streamed
+
+    base = export_runs.trained("llama") / "t" / "base-quantized"
+    model, _ = load_model(base, lazy=True)
+    save_model(tmp_path / "reference", model)
+    model, _ = load_model(base, lazy=True)
+    weights = dict(tree_flatten(model.parameters()))
+    parameters = get_total_parameters(model)
+    del model
+    hashes = save_model_streamed(tmp_path / "streamed", weights, parameters)
+    assert not weights  # consumed
+    ref, ours = tmp_path / "reference", tmp_path / "streamed"
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert json.loads((ours / "model.safetensors.index.json").read_text()) == json.loads(
+        (ref / "model.safetensors.index.json").read_text())
+    a, b = mx.load(str(ref / "model.safetensors")), mx.load(str(ours / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item(), k
+    assert hashes == {"model.safetensors": sha256_file(ours / "model.safetensors")}
+
+
+def test_fused_content_hash_is_hash_model_dir(export_runs):
+    _, result = export_runs.fused("llama", dequantize=True, dtype="float32")
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["outputs"]["content_hash"] == hash_model_dir(result.path)
+
+
+def test_streamed_forward_equals_the_loaded_model(export_runs):
+    """load_streamed + forward_streamed (lazy weights, float32 per layer, rows padded at the end)
+    give the logits of the model loaded whole in float32 with its adapter, row by row."""
+    from mlx_lm.utils import load
+
+    from pipeline.modeling import cast_floats, forward_streamed, load_streamed
+
+    run = export_runs.trained("llama") / "t"
+    model, tok = load(str(run / "base-quantized"), adapter_path=str(run / "adapters"))
+    cast_floats(model, mx.float32)
+    rows = [tok.encode(p) for p in PROMPTS]
+    whole = [model(mx.array(r)[None])[0] for r in rows]
+    streamed = forward_streamed(load_streamed(run / "base-quantized", run / "adapters"), rows)
+    for i, r in enumerate(rows):
+        diff = mx.abs(streamed[i, : len(r)] - whole[i]).max().item()
+        assert diff <= FLOAT32_TOL, (i, diff)
+
+
+def test_gated_pass_gives_trained_and_base(export_runs):
+    """Trained and base in one pass (the LoRA scale gated per row) equal two separate passes."""
+    from mlx_lm.utils import load_tokenizer
+
+    from pipeline import agreement
+
+    run = export_runs.trained("llama") / "t"
+    base, adapters = run / "base-quantized", run / "adapters"
+    convs = agreement.conversations(load_tokenizer(base), agreement.read_rows(run / "data" / "valid.jsonl", 3))
+    trained, without = survival._scores(base, convs, adapters, gate=True)
+    trained_alone, base_alone = survival._scores(base, convs, adapters), survival._scores(base, convs)
+    for c in convs:
+        assert np.abs(trained(c, survival.SPAN) - trained_alone(c, survival.SPAN)).max() <= FLOAT32_TOL
+        assert np.abs(without(c, survival.SPAN) - base_alone(c, survival.SPAN)).max() <= FLOAT32_TOL
+    assert np.abs(trained(convs[0], survival.SPAN) - without(convs[0], survival.SPAN)).max() > 1e-2
+
+
+def test_end_to_end_rows_within_budget():
+    class Conv:
+        def __init__(self, n):
+            self.ids = [0] * n
+
+    convs = [Conv(100), Conv(100), Conv(100)]
+    assert len(survival._within_budget(convs, 10)) == 3
+    assert len(survival._within_budget(convs, int(survival.E2E_BUDGET / 250))) == 2
+    assert len(survival._within_budget(convs, 10**12)) == 1  # at least one row, however large the model
+
+
+def test_available_memory_is_read():
+    assert p07_fuse_lora.available_memory() > 0
+
+
+def test_refused_before_any_work_without_the_memory(export_runs, monkeypatch):
+    root = export_runs.trained("llama")
+    run = copy_run(root, "no-memory")
+    monkeypatch.setattr(p07_fuse_lora, "available_memory", lambda: 100_000_000)
+    with pytest.raises(PipelineError) as e:
+        fuse(make_cfg(root, run="no-memory", fuse__dequantize=True))
+    msg = str(e.value)
+    assert "100.0 MB is available" in msg and "one layer at a time" in msg and "--no-dequantize" in msg
+    assert "more memory" in msg
+    assert not (run / "fused").exists() and not list(run.glob(".fused*"))
+
+
+def test_note_when_the_dequantized_output_exceeds_memory(export_runs, monkeypatch, capsys):
+    """Enough memory for the streamed fuse (one layer at a time) but less than its output: no
+    refusal, a note that loading it whole later will not fit."""
+    adapters = export_runs.trained("llama") / "t" / "adapters"
+    weights = {f"layers.{i}.weight": mx.zeros((1000, 1000)) for i in range(10)}  # lazy: 40 MB, 1e6 per layer
+    monkeypatch.setattr(p07_fuse_lora, "PROCESS_BYTES", 0)
+    monkeypatch.setattr(p07_fuse_lora, "available_memory", lambda: 20_000_000)
+    p07_fuse_lora.check_memory(weights, adapters, dequantize=True)
+    out = capsys.readouterr().out
+    assert "(40.0 MB) is larger than the memory available now (20.0 MB)" in out and "--no-dequantize" in out
+    monkeypatch.setattr(p07_fuse_lora, "available_memory", lambda: 5_000_000)
+    with pytest.raises(PipelineError, match="but only 5.0 MB is available"):
+        p07_fuse_lora.check_memory(weights, adapters, dequantize=True)
