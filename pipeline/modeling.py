@@ -170,7 +170,6 @@ def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: in
 def _write_safetensors(path: Path, tensors: dict, evaluate) -> str:
     """The header first (shapes and dtypes are known before evaluation), then each module's tensors.
     Returns the file's sha256, taken while writing."""
-    import hashlib
 
     groups: dict[str, list[str]] = {}
     for k in tensors:
@@ -183,21 +182,53 @@ def _write_safetensors(path: Path, tensors: dict, evaluate) -> str:
         offset += v.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for data in _tensor_bytes(len(blob).to_bytes(8, "little") + blob, groups, tensors, evaluate):
-            digest.update(data)
-            f.write(data)
-    return digest.hexdigest()
+        writer = _Writer(f)
+        try:
+            writer.put([len(blob).to_bytes(8, "little") + blob])
+            for module, group in groups.items():
+                evaluate(module, [tensors[k] for k in group])
+                writer.put([memoryview(mx.contiguous(tensors.pop(k))) for k in group])
+                mx.clear_cache()  # MLX keeps freed buffers for reuse; a fuse never needs them again
+        finally:
+            writer.close()
+    return writer.digest.hexdigest()
 
 
-def _tensor_bytes(head: bytes, groups: dict, tensors: dict, evaluate):
-    yield head
-    for module, group in groups.items():
-        evaluate(module, [tensors[k] for k in group])
-        for k in group:
-            yield memoryview(mx.contiguous(tensors.pop(k)))
-        mx.clear_cache()  # MLX keeps freed buffers for reuse; a fuse never needs them again
+class _Writer:
+    """Writes (and hashes) one module's bytes in a thread while the next module is computed:
+    MLX's eval, file writes and sha256 all release the GIL. One module waits at most."""
+
+    def __init__(self, f):
+        import hashlib
+        import queue
+        import threading
+
+        self.f, self.digest, self.error = f, hashlib.sha256(), None
+        self.queue = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunks := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    for data in chunks:
+                        self.digest.update(data)
+                        self.f.write(data)
+                except OSError as e:  # disk full: raised in the caller's thread
+                    self.error = e
+
+    def put(self, chunks: list) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunks)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def weight_arrays(m: nn.Module) -> dict:

@@ -130,3 +130,25 @@ def test_note_when_the_dequantized_output_exceeds_memory(export_runs, monkeypatc
     monkeypatch.setattr(p07_fuse_lora, "available_memory", lambda: 5_000_000)
     with pytest.raises(PipelineError, match="but only 5.0 MB is available"):
         p07_fuse_lora.check_memory(weights, adapters, dequantize=True)
+
+
+def test_dora_fuse_is_base_plus_adapter_with_survival(tiny_hf_model, tmp_path):
+    """DoRA layers: fused weights rated on sampled rows and trained vs base in two passes (no gate)."""
+    from export_fixtures import max_abs, mlx_logits
+    from pipeline.phases.p01_prepare_data import prepare_data
+    from pipeline.phases.p02_fetch_base_model import fetch_base_model
+    from pipeline.phases.p03_quantize_base_model import quantize_base_model
+    from pipeline.phases.p04_train_lora import train_lora
+
+    cfg = make_cfg(tmp_path, tiny_hf_model("llama"), train__fine_tune_type="dora")
+    fetch_base_model(cfg)
+    prepare_data(cfg)
+    quantize_base_model(cfg)
+    train_lora(cfg)
+    result = fuse(make_cfg(tmp_path, fuse__dequantize=True, fuse__dtype="float32"))
+    run = tmp_path / "t"
+    adapted = mlx_logits(run / "base-quantized", run / "adapters")
+    assert max_abs(mlx_logits(result.path), adapted) <= FLOAT32_TOL
+    layers, e2e = result.survival["layers"], result.survival["end_to_end"]
+    assert layers["mean_survival"] == pytest.approx(1, abs=1e-3) and layers["max_error"] < 1e-3
+    assert e2e["kl_trained_vs_base"] > 1e-4 and e2e["ratio"] < 1e-2
