@@ -24,15 +24,22 @@ TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json",
                    "merges.txt", "*.tiktoken", "chat_template*", "generation_config.json"]
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer, chat template and generation config, byte for byte (never re-serialised)."""
-    copied = []
+def tokenizer_files(src: Path) -> list[Path]:
+    """Tokenizer, chat template and generation config files of a model folder."""
+    found: dict[str, Path] = {}
     for pattern in TOKENIZER_FILES:
         for f in sorted(Path(src).glob(pattern)):
-            if f.is_file() and f.name not in copied:
-                shutil.copyfile(f, Path(dst) / f.name)
-                copied.append(f.name)
-    return copied
+            if f.is_file():
+                found.setdefault(f.name, f)
+    return list(found.values())
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer, chat template and generation config, byte for byte (never re-serialised)."""
+    files = tokenizer_files(src)
+    for f in files:
+        shutil.copyfile(f, Path(dst) / f.name)
+    return [f.name for f in files]
 
 
 def dense_weights(model_dir: Path, dtype, row_blocks: dict | None = None) -> tuple[dict, dict]:

@@ -463,7 +463,8 @@ def test_hf_export_refused_up_front_when_the_disk_is_too_small(tmp_path, hf_sour
     export = fsio.dir_size(hf_source / "t" / "fused", "*.safetensors")  # float32 export ~ fused size
     script = (f"mount -t tmpfs -o size={run_size + export // 2} tmpfs {mnt} && cp -a {hf_source / 't'} {mnt}/t "
               f"&& exec \"$@\"")
-    argv = ["hf", "--models-dir", str(mnt), "--run", "t", "--dtype", "float32"]
+    # shards below fused/'s own file: written, not hard-linked from fused/ (which needs no room)
+    argv = ["hf", "--models-dir", str(mnt), "--run", "t", "--dtype", "float32", "--max-shard-gb", "0.004"]
     r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-c", child_code(CLI),
                         json.dumps({"argv": argv})], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr

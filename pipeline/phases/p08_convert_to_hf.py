@@ -32,6 +32,7 @@ from ..hf_export import (  # noqa: F401 (tests: INDEX)
     link_shards,
     save_shards,
     shared_files,
+    tokenizer_files,
 )
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..modeling import check_weight_files, read_config
@@ -96,7 +97,8 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
         n_tensors -= 1  # tied: transformers reuses embed_tokens
 
     out = paths.hf
-    expected = 0 if shared else sum(v.nbytes for v in weights.values())
+    expected = sum(f.stat().st_size for f in tokenizer_files(config_dir)) + (
+        0 if shared else sum(v.nbytes for v in weights.values()))
     with atomic_path(out, expected_bytes=expected, what=f"the Hugging Face export ({cfg.export.dtype})") as tmp:
         tmp.mkdir()
         if shared:

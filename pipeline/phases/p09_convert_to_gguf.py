@@ -19,6 +19,7 @@ Output: models/<run>/gguf/<run>-*.gguf, and manifest.json listing each file with
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -345,7 +346,8 @@ def _write_native(cfg, native_paths: RunPaths, f16_of_fused: Path, dst: Path) ->
             _convert(native_paths.hf, f16, "f16")
             stats = gguf_native.write_native_gguf(native_paths.fused, f16, dst)
         finally:
-            f16.unlink(missing_ok=True)
+            # hf-native/ is dense (full precision) and only fed the converter: not kept on disk
+            shutil.rmtree(native_paths.hf, ignore_errors=True)
     stats.pop("tensors", None)
     return {**stats, "source": str(native_paths.fused)}
 
