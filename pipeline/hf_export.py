@@ -45,8 +45,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 def dense_weights(model_dir: Path, dtype, row_blocks: dict | None = None) -> tuple[dict, dict]:
     """Every parameter of an MLX model folder by its MLX name, dense and cast to `dtype`.
 
-    Arrays stay lazy: each is read, dequantized and cast when it is written. A tensor already in
-    `dtype` is the very array read from the file (`shared_files` relies on it). `row_blocks`, when
+    Arrays stay lazy: each is read, dequantized and cast when it is written. `row_blocks`, when
     given, receives name -> f(start, stop): the same dequantized tensor's rows start:stop, lazily,
     so that a writer never holds a whole float32 dequantization.
     """

@@ -67,7 +67,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
         native_paths, native_type = _native_source(cfg, paths)
         native = f"{native_type}-native"
     if cfg.gguf.imatrix:
-        for name in llamacpp.TOOLS:  # fail early, naming how to build them
+        for name in ("llama-imatrix", "llama-quantize"):  # fail early, naming how to build them
             llamacpp.tool(name)
     hf = _hf_input(cfg, paths)
     hf_manifest = read_manifest(hf, "hf")
