@@ -1,6 +1,7 @@
 """Training on an NVIDIA GPU: our 04 vs `mlx_lm lora`, bf16 LoRA and 4-bit QLoRA, in the same run.
 
     python -m bench.gpu          # needs MLX on CUDA (make setup BACKEND=cuda); elsewhere it says so and stops
+    python -m bench.gpu --probe bf16-lorabf16 [--memory-limit-gb 13]   # one step's speed and memory, see probe()
 
 The synthetic 1.17 B Llama-shaped model (bench/synthetic_model.py), batch 4 x 1024 tokens of text,
 LoRA r8 on the 7 projections of all 16 layers, Adam, 20 steps; tok/s are trained tokens per second
@@ -161,9 +162,73 @@ def anchor_main(log: Path, argv: list[str]) -> None:
     lora.main()
 
 
+PROBES = {  # name: (quantized base, dequantize + bf16 matmul, LoRA products in bf16)
+    "bf16": (False, False, False), "bf16-lorabf16": (False, False, True),
+    "q4deq": (True, True, False), "q4deq-lorabf16": (True, True, True), "q4qmm-lorabf16": (True, False, True),
+}
+
+
+def probe(name: str, memory_limit_gb: float | None = None, warm: int = 3, steps: int = 10) -> dict:
+    """04's compiled step alone (mlx-lm's default_loss, Adam) on random tokens, batch 4 x 1024, LoRA r8
+    on the 7 projections of all layers: tok/s and mx.get_peak_memory() after the warm-up steps. Which
+    layer swaps are on is PROBES[name]; `memory_limit_gb` sets mx.set_memory_limit (see bench/GPU.md)."""
+    import time
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from pipeline.modeling import load_model
+    from pipeline.qlora import use_compute_dtype_lora, use_dequantized_matmul
+
+    quantized, dequantize, lora_bf16 = PROBES[name]
+    if memory_limit_gb:
+        mx.set_memory_limit(int(memory_limit_gb * 1e9))
+    model_dir = synthetic_model("1b")
+    if quantized:
+        model_dir = prepare("q4", model_dir, text_rows(GPU / "text.jsonl"))[1] / "base-quantized"
+    model, _, _ = load_model(model_dir, "auto")
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": TARGETS})
+    if dequantize:
+        use_dequantized_matmul(model)
+    if lora_bf16:
+        use_compute_dtype_lora(model)
+    optimizer = optim.Adam(learning_rate=1e-5)
+    state = [model.state, optimizer.state, mx.random.state]
+    loss_and_grad = nn.value_and_grad(model, default_loss)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (loss, n), grad = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grad)
+        return loss, n
+
+    batch, lengths = mx.random.randint(0, 49152, (BATCH, SEQ)), mx.array([[0, SEQ]] * BATCH)
+    for _ in range(warm):
+        mx.eval(state, step(batch, lengths))
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        loss, n = step(batch, lengths)
+        mx.eval(state, loss, n)
+    seconds = time.perf_counter() - tic
+    row = {"probe": name, "memory_limit_gb": memory_limit_gb, "tokens_per_s": round(steps * n.item() / seconds),
+           "step_ms": round(1000 * seconds / steps, 1), "peak_gpu_memory_gb": round(mx.get_peak_memory() / 1e9, 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--anchor-log":
         return anchor_main(Path(sys.argv[2]), sys.argv[4:])
+    if len(sys.argv) > 2 and sys.argv[1] == "--probe":
+        limit = float(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--memory-limit-gb" else None
+        probe(sys.argv[2], limit)
+        return
     from pipeline.runtime import backend_name
 
     if backend_name() != "cuda":
@@ -184,7 +249,7 @@ def main() -> None:
                 what=f"04 train vs mlx_lm lora, {'4-bit QLoRA' if kind == 'q4' else 'bf16 LoRA'}, synthetic 1.17 B "
                      f"Llama, batch {BATCH} x {SEQ}, LoRA r8 on 7 projections x 16 layers, {ITERS} steps",
                 extra={"command": "python -m bench.gpu", "ours_argv": " ".join(ours.argv),
-                       "anchor_argv": "mlx_lm lora " + " ".join(anchor.argv[5:]),
+                       "anchor_argv": "mlx_lm lora " + " ".join(anchor.argv[6:]),
                        "flops_per_token": fpt, "peak_flops": PEAK_BF16_FLOPS})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -14,12 +15,30 @@ from pathlib import Path
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
 
 
+def mlx_backend_missing(package_dirs: list[str] | None = None) -> bool:
+    """True on Linux when MLX is installed without a backend: plain `pip install mlx-pipeline` brings
+    the `mlx` bindings, and libmlx.so comes from the `cpu` or `cuda` extra (mlx-cpu / mlx-cuda-*)."""
+    if package_dirs is None:
+        if sys.platform != "linux" or (spec := importlib.util.find_spec("mlx")) is None:
+            return False
+        package_dirs = list(spec.submodule_search_locations or [])
+    return not any((Path(d) / "lib" / "libmlx.so").exists() for d in package_dirs)
+
+
+NO_BACKEND = ("error: MLX is installed without a backend (mlx-pipeline's Linux extras choose one). Run "
+              "`make setup` (it picks CUDA when nvidia-smi sees a GPU), or pip install 'mlx-pipeline[cpu]', "
+              "or 'mlx-pipeline[cuda]' on a machine with an NVIDIA GPU.")
+
+
 def ensure_fast_blas(argv: list[str] | None = None) -> None:
     """Re-exec the current command with OpenBLAS preloaded when MLX would use the slow BLAS.
 
     LD_PRELOAD only works at process start, so this must run before mlx is imported.
-    Set MLX_PIPELINE_NO_REEXEC=1 to opt out.
+    Set MLX_PIPELINE_NO_REEXEC=1 to opt out. Also the first check of every command: it stops
+    with the fix when MLX has no backend (mlx_backend_missing), before an ImportError would.
     """
+    if mlx_backend_missing():
+        sys.exit(NO_BACKEND)
     if (
         sys.platform != "linux"
         or not OPENBLAS.exists()
