@@ -57,6 +57,8 @@ MLX_OTHER := $(if $(filter cpu,$(BACKEND)),mlx-cuda-13 mlx-cuda-12,$(if $(filter
 $(BACKEND_STAMP): FORCE
 	$(call remember,$@,$(BACKEND))
 
+# MLX's Linux CPU wheel ships a reference BLAS ~30x slower than OpenBLAS; the pipeline preloads
+# Debian's OpenBLAS when it is there (PLATFORM_NOTES). Installing it needs root and apt.
 $(STAMP): pyproject.toml $(BACKEND_STAMP)
 	@case "$(BACKEND)" in cpu|cuda|cuda12|metal) ;; *) echo "BACKEND=$(BACKEND): use cpu, cuda, cuda12 (Linux) or metal (macOS)"; exit 2;; esac
 	@echo "MLX backend: $(BACKEND)"
