@@ -152,3 +152,14 @@ def test_dora_fuse_is_base_plus_adapter_with_survival(tiny_hf_model, tmp_path):
     layers, e2e = result.survival["layers"], result.survival["end_to_end"]
     assert layers["mean_survival"] == pytest.approx(1, abs=1e-3) and layers["max_error"] < 1e-3
     assert e2e["kl_trained_vs_base"] > 1e-4 and e2e["ratio"] < 1e-2
+
+
+def test_end_to_end_skipped_only_for_large_exact_fuses():
+    big, small = 2 * survival.E2E_ALWAYS_PARAMETERS, survival.E2E_ALWAYS_PARAMETERS // 2
+    exact, requantized = {"max_error": 0.07}, {"max_error": 1.48}
+    assert survival.end_to_end_needed(exact, small) is None
+    assert survival.end_to_end_needed(requantized, big) is None
+    assert survival.end_to_end_needed({"rated_layers": 0}, big) is None
+    reason = survival.end_to_end_needed(exact, big)
+    assert "0.070 of W + dW" in reason and "skipped" in reason
+    assert f"end to end: {reason}" in survival.summary_lines({"end_to_end_skipped": reason})

@@ -13,6 +13,13 @@ dense in `fuse.dtype`; the GGUF step then quantizes once instead of twice.
 Every fuse reports how much of the adapter survived (pipeline/survival.py): per layer, and end to
 end on a few validation rows. When the fused model is not much closer to base + adapter than the
 base is, it warns (`--strict`: fails and writes nothing).
+
+Memory: the base is loaded lazily and the fused model written module by module
+(modeling.save_model_streamed), each layer's survival figures computed with it; the end-to-end
+check runs each model streamed, one block at a time. The peak is about one layer in float32 plus
+the process, not the model (1.2 B Llama: 1.1 GB for a 2.35 GB --de-quantize output; 0.67 GB for a
+0.63 GB --no-dequantize one). A machine without that much memory available is refused before
+anything is written (`check_memory`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from ..modeling import check_weight_files, weight_arrays
 from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
 from ..survival import (
     end_to_end,
+    end_to_end_needed,
     layer_figures,
     layer_stats,
     lost,
@@ -132,7 +140,10 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         copy_tokenizer_files(paths.base if (paths.base / "config.json").is_file() else base, tmp)
         survival = {"layers": summarize_layers(stats)}
         delta_error = _delta_error(stats)
-        if fused and paths.data is not None:  # end to end: adapter layers (not full fine-tuning) and data
+        skipped = end_to_end_needed(survival["layers"], parameters)
+        if skipped:
+            survival["end_to_end_skipped"] = skipped
+        elif fused and paths.data is not None:  # end to end: adapter layers (not full fine-tuning) and data
             survival["end_to_end"] = end_to_end(paths.train_base if rebase else base, paths.adapters, tmp, base,
                                                 paths.data / "valid.jsonl", parameters)
         survival["lost"] = lost(survival)
