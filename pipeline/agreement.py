@@ -7,19 +7,24 @@
   the generation prompt, when the full conversation starts with it; else every token).
 - A scorer maps a conversation to log-probabilities (float64, `log_softmax`) at the positions of a
   span: "all" (every position) or "answer" (the positions that predict the answer's tokens). MLX
-  models (`mlx_scorer`) and llama.cpp models (`gguf_scorer`) are scored the same way.
+  models (`mlx_scorer`) and llama.cpp models (`gguf_scorer`) are scored the same way; both also
+  score many conversations at once (`scores`: padded MLX batches, llama.cpp groups of sequences
+  in one decode, pipeline/gguf_batch.py).
+- `reference_scores` keeps a reference's log-probabilities (float32, one array per conversation)
+  for comparing it with several candidates: computed once, not once per candidate.
 - `compare(reference, candidate, convs, span)` is the one definition of the distance: mean over
   positions of KL(reference || candidate), top-1 agreement, and the candidate's perplexity of the
   conversation's own next tokens.
 - Greedy answers for the task metric: `mlx_answers` (batched mlx-lm generation) and `gguf_answers`
-  (argmax of llama.cpp's logits, rendered with the GGUF's own chat template).
+  (argmax of llama.cpp's logits, rendered with the GGUF's own chat template, all prompts decoded
+  together with their own KV streams).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,33 +103,103 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+MLX_BATCH = 8  # conversations per MLX forward (right-padded: a causal model's earlier positions ignore the pad)
+
+
+class _BatchScorer:
+    """A Scorer that also scores many conversations at once: `many(convs, span)` yields each one's
+    log-probabilities in order (what `scores` and `compare` use)."""
+
+    def __call__(self, conv: Conversation, span: str) -> np.ndarray:
+        return next(iter(self.many([conv], span)))
+
+    def many(self, convs: Sequence[Conversation], span: str) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+class _MlxScorer(_BatchScorer):
+    def __init__(self, model):
+        self.model = model
+
+    def many(self, convs, span):
+        import mlx.core as mx
+
+        for i in range(0, len(convs), MLX_BATCH):
+            chunk = convs[i: i + MLX_BATCH]
+            width = max(len(c.ids) for c in chunk)
+            ids = np.zeros((len(chunk), width), dtype=np.int32)
+            for row, c in enumerate(chunk):
+                ids[row, : len(c.ids)] = c.ids
+            logits = self.model(mx.array(ids)).astype(mx.float32)
+            mx.eval(logits)
+            for row, c in enumerate(chunk):
+                yield log_softmax(np.array(logits[row, c.positions(span)]))
+            del logits
+
+
+class _GgufScorer(_BatchScorer):
+    def __init__(self, llm):
+        self.llm = llm
+
+    def many(self, convs, span):
+        from . import gguf_batch
+
+        spans = [_bounds(c, span) for c in convs]
+        for logits in gguf_batch.logits(self.llm, [c.ids for c in convs], spans):
+            yield log_softmax(logits)
+
+
+def _bounds(conv: Conversation, span: str) -> tuple[int, int]:
+    s = conv.positions(span)
+    return max(s.start, 0), max(min(s.stop, len(conv.ids)), s.start)
+
+
 def mlx_scorer(model) -> Scorer:
-    """An MLX model's log-probabilities (float32 logits of the whole conversation, one forward)."""
-    import mlx.core as mx
-
-    def score(conv: Conversation, span: str) -> np.ndarray:
-        logits = model(mx.array([conv.ids]))[0, conv.positions(span)].astype(mx.float32)
-        return log_softmax(np.array(logits))
-
-    return score
+    """An MLX model's log-probabilities (float32 logits of whole conversations, MLX_BATCH per forward)."""
+    return _MlxScorer(model)
 
 
 def gguf_scorer(llm) -> Scorer:
-    """A llama.cpp model's log-probabilities (opened with logits_all)."""
+    """A llama.cpp model's log-probabilities (a context of its own: the `llm` may be opened without
+    logits_all)."""
+    return _GgufScorer(llm)
 
-    def score(conv: Conversation, span: str) -> np.ndarray:
-        llm.reset()
-        llm.eval(conv.ids)
-        return log_softmax(np.array(llm.scores[: len(conv.ids)], dtype=np.float32)[conv.positions(span)])
 
-    return score
+def scores(scorer: Scorer, convs: Sequence[Conversation], span: str) -> Iterator[np.ndarray]:
+    """Each conversation's log-probabilities, in order, batched when the scorer can."""
+    if hasattr(scorer, "many"):
+        return iter(scorer.many(convs, span))
+    return (scorer(c, span) for c in convs)
 
 
 def cached(scorer: Scorer, convs: Sequence[Conversation], span: str) -> Scorer:
     """A scorer computed once per conversation (for a reference compared with several candidates;
     spans x vocabulary floats each, so keep the conversations few or the span short)."""
-    memo = {id(c): scorer(c, span) for c in convs}
+    memo = {id(c): p for c, p in zip(convs, scores(scorer, convs, span))}
     return lambda conv, s: memo[id(conv)] if s == span else scorer(conv, s)
+
+
+class ReferenceScores(_BatchScorer):
+    """A reference's log-probabilities at one span of the conversations, computed once and kept as
+    float32 (their rounding moves a KL by ~1e-9); `nbytes` is what they hold in memory: positions x
+    vocabulary x 4 bytes (the demo's 24 test chats: 1,857 x 49,152 x 4 = 365 MB)."""
+
+    def __init__(self, scorer: Scorer, convs: Sequence[Conversation], span: str):
+        self.span = span
+        self.scorer = scorer
+        self.memo = {id(c): p.astype(np.float32) for c, p in zip(convs, scores(scorer, convs, span))}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.memo.values())
+
+    def many(self, convs, span):
+        for c in convs:
+            yield self.memo[id(c)] if span == self.span and id(c) in self.memo else self.scorer(c, span)
+
+
+def reference_scores(scorer: Scorer, convs: Sequence[Conversation], span: str = "all") -> ReferenceScores:
+    return ReferenceScores(scorer, convs, span)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,11 +210,10 @@ def compare(reference: Scorer, candidate: Scorer, convs: Sequence[Conversation],
     """KL(reference || candidate) per position averaged over the span's positions of every
     conversation, top-1 agreement (%), and the candidate's perplexity on the conversations' tokens."""
     kls, agree, nll = [], [], []
-    for conv in convs:
-        p, q = reference(conv, span), candidate(conv, span)
+    for conv, p, q in zip(convs, scores(reference, convs, span), scores(candidate, convs, span)):
         if p.shape != q.shape:
             raise PipelineError(f"its logits have {q.shape[-1]} entries per token, the reference's {p.shape[-1]}.")
-        kls.append(np.sum(np.exp(p) * (p - q), axis=-1))
+        kls.append(np.einsum("ij,ij->i", np.exp(p, dtype=np.float64), p - q))
         agree.append(p.argmax(-1) == q.argmax(-1))
         nll.append(_nll(q, conv, span))
     if not kls or not sum(len(k) for k in kls):
@@ -151,7 +225,7 @@ def compare(reference: Scorer, candidate: Scorer, convs: Sequence[Conversation],
 
 def perplexity(scorer: Scorer, convs: Sequence[Conversation], span: str = "all") -> float:
     """exp(mean negative log-likelihood) of the conversations' own next tokens."""
-    return _perplexity([_nll(scorer(c, span), c, span) for c in convs])
+    return _perplexity([_nll(p, c, span) for c, p in zip(convs, scores(scorer, convs, span))])
 
 
 def _nll(logp: np.ndarray, conv: Conversation, span: str) -> np.ndarray:
@@ -184,30 +258,15 @@ def mlx_answers(model, tokenizer, prompts: list[list[dict]], max_tokens: int) ->
 
 def gguf_answers(llm, meta: dict, prompts: list[list[dict]], max_tokens: int) -> list[str]:
     """Greedy answers of a llama.cpp model, each prompt rendered with the GGUF's own chat template
-    (`meta` from gguf_metadata)."""
+    (`meta` from gguf_metadata); all prompts decoded together (pipeline/gguf_batch.py)."""
+    from . import gguf_batch
     from .untrusted.chat_template import render_chat
 
     if not meta.get("chat_template"):
         raise PipelineError("it has no chat template (tokenizer.chat_template): it cannot answer chat prompts.")
-    return [gguf_greedy(llm, render_chat(meta["chat_template"], m, meta["special_tokens"], True), max_tokens)
-            for m in prompts]
-
-
-def gguf_greedy(llm, prompt: str, max_tokens: int) -> str:
-    """Argmax of llama.cpp's own logits, stopping at an end-of-generation token or a full context."""
-    import llama_cpp
-
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    llm.reset()
-    llm.eval(ids)
-    out: list[int] = []
-    for _ in range(max_tokens):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or llm.n_tokens >= llm.n_ctx():
-            break
-        out.append(tok)
-        llm.eval([tok])
-    return llm.detokenize(out).decode("utf-8", "replace").strip()
+    ids = [llm.tokenize(render_chat(meta["chat_template"], m, meta["special_tokens"], True).encode("utf-8"),
+                        add_bos=False, special=True) for m in prompts]
+    return [llm.detokenize(out).decode("utf-8", "replace").strip() for out in gguf_batch.greedy(llm, ids, max_tokens)]
 
 
 def gguf_metadata(llm) -> dict:

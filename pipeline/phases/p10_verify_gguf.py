@@ -10,7 +10,9 @@ that 09 did not write is measured against the fused model. For each, on the test
 - next-token fidelity on the same full-conversation tokens (pipeline/agreement.py, span "all"):
   mean KL(MLX || GGUF) over positions, top-1 agreement and each model's perplexity;
 - the task metric (greedy answers scored by pipeline/metrics.py), for the GGUF and for MLX.
-MLX runs in float32 (on CPU its quantized layers run dequantized, which is exact). Verify FAILS,
+MLX runs in float32 (on CPU its quantized layers run dequantized, which is exact); each reference's
+log-probabilities and answers are computed once and shared by every file measured against it, and
+llama.cpp scores and answers all rows of a file in batched decodes (pipeline/gguf_batch.py). Verify FAILS,
 naming the file, when a GGUF does not load, its tokenizer or chat template differs, an unquantized
 kind's KL exceeds verify.f16_max_kl, or a pair is not much closer to the trained model than its
 base GGUF alone (a LoRA GGUF that is not this run's adapter).
@@ -39,6 +41,10 @@ from ..untrusted.chat_template import compile_template as _jinja  # noqa: F401
 from ..untrusted.chat_template import render_chat
 from .common import done, start_phase
 
+# The context open_gguf makes is only tokenizer and metadata: scores and answers run in contexts
+# sized for them (pipeline/gguf_batch.py).
+GGUF_CTX = 64
+
 
 @dataclass
 class VerifyResult:
@@ -65,15 +71,13 @@ class Reference:
     compared: list[dict]  # test rows compared token by token
     convs: list[agreement.Conversation]  # the same rows through the reference's chat template
     answered: list[dict]  # test rows answered for the task metric
+    scores: agreement.ReferenceScores | None = None  # its log-probabilities on convs, computed once
 
     @property
     def scorer(self) -> agreement.Scorer:
-        # Recomputed for every GGUF instead of cached: rows x tokens x vocab would not stay small.
-        return agreement.mlx_scorer(self.model)
-
-    @property
-    def n_ctx(self) -> int:
-        return agreement.context_length(self.convs)
+        if self.scores is None:  # float32, positions x vocabulary: 365 MB for the demo's 24 chats
+            self.scores = agreement.reference_scores(agreement.mlx_scorer(self.model), self.convs, "all")
+        return self.scores
 
 
 @dataclass
@@ -224,7 +228,7 @@ def _measure(export: Export, ref: Reference, cfg, fused_manifest: dict) -> tuple
            "path": export.kind.made_by(fused_manifest) if export.kind else "not written by 09 gguf",
            "kind": export.kind.name if export.kind else None, "kl": None, "top1_percent": None, "perplexity": None}
     try:
-        llm = llamacpp.open_gguf(export.path, ref.n_ctx + cfg.eval.max_tokens, cfg.seed, lora=export.lora)
+        llm = llamacpp.open_gguf(export.path, GGUF_CTX, cfg.seed, lora=export.lora, logits_all=False)
     except PipelineError as e:
         return row, [str(e)]
     meta = agreement.gguf_metadata(llm)
@@ -254,7 +258,7 @@ def _measure(export: Export, ref: Reference, cfg, fused_manifest: dict) -> tuple
 def _check_lora_carries(export: Export, ref: Reference, cfg, row: dict) -> list[str]:
     """The pair must be much closer to the trained model than its base GGUF alone: a LoRA GGUF of
     another adapter (or none of this one's change) would leave it where the base is."""
-    llm = llamacpp.open_gguf(export.path, ref.n_ctx, cfg.seed)
+    llm = llamacpp.open_gguf(export.path, GGUF_CTX, cfg.seed, logits_all=False)
     try:
         with llamacpp.captured_log():
             alone = agreement.compare(ref.scorer, agreement.gguf_scorer(llm), ref.convs, "all")["kl"]
