@@ -137,6 +137,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+WRITE_CACHE_BYTES = 128 << 20  # MLX's buffer cache while writing: two float32 layers of a 1 B model
+
+
 def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: int, evaluate=None) -> dict:
     """Write lazy `weights` (mlx-lm's names) in mlx-lm's `save_model` layout (shards of at most
     MAX_FILE_SIZE_GB, model.safetensors.index.json), computing and writing one module at a time.
@@ -157,10 +160,16 @@ def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: in
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, hashes = {}, {}
-    for i, name in enumerate(names):
-        shard, shards[i] = shards[i], None
-        weight_map.update(dict.fromkeys(shard, name))
-        hashes[name] = _write_safetensors(out_dir / name, shard, evaluate or (lambda _, arrays: mx.eval(arrays)))
+    # Freed buffers are reused for the next module (fresh pages cost time) but not hoarded.
+    previous = mx.set_cache_limit(WRITE_CACHE_BYTES)
+    try:
+        for i, name in enumerate(names):
+            shard, shards[i] = shards[i], None
+            weight_map.update(dict.fromkeys(shard, name))
+            hashes[name] = _write_safetensors(out_dir / name, shard, evaluate or (lambda _, arrays: mx.eval(arrays)))
+    finally:
+        mx.set_cache_limit(previous)
+        mx.clear_cache()
     index = {"metadata": {"total_size": total, "total_parameters": total_parameters},
              "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
@@ -189,7 +198,6 @@ def _write_safetensors(path: Path, tensors: dict, evaluate) -> str:
             for module, group in groups.items():
                 evaluate(module, [tensors[k] for k in group])
                 writer.put([memoryview(mx.contiguous(tensors.pop(k))) for k in group])
-                mx.clear_cache()  # MLX keeps freed buffers for reuse; a fuse never needs them again
         finally:
             writer.close()
     return writer.digest.hexdigest()

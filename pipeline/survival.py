@@ -37,7 +37,7 @@ E2E_BUDGET = 1e11
 E2E_ALWAYS_PARAMETERS = 500_000_000
 EXACT_ERROR = 0.1
 WORST_LAYERS = 5
-SAMPLED_ROWS = 512  # per fused linear layer, for the per-layer figures
+SAMPLED_ROWS = 256  # per fused linear layer, for the per-layer figures
 SPAN = "answer"  # the fine-tune shows in the answers; the prompt tokens would dilute it
 
 BETTER_OPTIONS = (
