@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text, chunk, ours_tokens = chats_text(run_dir)
     f16, q8 = run_dir / "gguf" / f"{RUN}-F16.gguf", run_dir / "gguf" / f"{RUN}-Q8_0.gguf"
     kld = HERE / "ref.kld"
-    anchor = Cmd(["bash", "-c", f"{perplexity} -m {f16} -f {text} -c {chunk} --kl-divergence-base {kld} && "
+    anchor = Cmd(["bash", "-c", f"{perplexity} -m {f16} -f {text} -c {chunk} --chunks {ROWS} "
+                  f"--kl-divergence-base {kld} && "
                   f"{perplexity} -m {q8} -c {chunk} --kl-divergence-base {kld} --kl-divergence"],
                  before=lambda: kld.unlink(missing_ok=True), figures=_anchor_kl,
                  label=f"llama-perplexity --kl-divergence-base (F16) then --kl-divergence (Q8_0), -c {chunk}")

@@ -108,12 +108,15 @@ MLX_BATCH = 8  # conversations per MLX forward (right-padded: a causal model's e
 
 class _BatchScorer:
     """A Scorer that also scores many conversations at once: `many(convs, span)` yields each one's
-    log-probabilities in order (what `scores` and `compare` use)."""
+    log-probabilities in order (what `scores` and `compare` use), from `logits(convs, span)`."""
 
     def __call__(self, conv: Conversation, span: str) -> np.ndarray:
         return next(iter(self.many([conv], span)))
 
     def many(self, convs: Sequence[Conversation], span: str) -> Iterator[np.ndarray]:
+        return (log_softmax(x) for x in self.logits(convs, span))
+
+    def logits(self, convs: Sequence[Conversation], span: str) -> Iterator[np.ndarray]:
         raise NotImplementedError
 
 
@@ -121,7 +124,7 @@ class _MlxScorer(_BatchScorer):
     def __init__(self, model):
         self.model = model
 
-    def many(self, convs, span):
+    def logits(self, convs, span):
         import mlx.core as mx
 
         for i in range(0, len(convs), MLX_BATCH):
@@ -133,7 +136,7 @@ class _MlxScorer(_BatchScorer):
             logits = self.model(mx.array(ids)).astype(mx.float32)
             mx.eval(logits)
             for row, c in enumerate(chunk):
-                yield log_softmax(np.array(logits[row, c.positions(span)]))
+                yield np.array(logits[row, c.positions(span)])
             del logits
 
 
@@ -141,12 +144,11 @@ class _GgufScorer(_BatchScorer):
     def __init__(self, llm):
         self.llm = llm
 
-    def many(self, convs, span):
+    def logits(self, convs, span):
         from . import gguf_batch
 
         spans = [_bounds(c, span) for c in convs]
-        for logits in gguf_batch.logits(self.llm, [c.ids for c in convs], spans):
-            yield log_softmax(logits)
+        return gguf_batch.logits(self.llm, [c.ids for c in convs], spans)  # views: many() reads each at once
 
 
 def _bounds(conv: Conversation, span: str) -> tuple[int, int]:
@@ -180,22 +182,38 @@ def cached(scorer: Scorer, convs: Sequence[Conversation], span: str) -> Scorer:
 
 
 class ReferenceScores(_BatchScorer):
-    """A reference's log-probabilities at one span of the conversations, computed once and kept as
-    float32 (their rounding moves a KL by ~1e-9); `nbytes` is what they hold in memory: positions x
-    vocabulary x 4 bytes (the demo's 24 test chats: 1,857 x 49,152 x 4 = 365 MB)."""
+    """A reference's log-probabilities at one span of the conversations, computed once: its float32
+    logits as the model gave them and each position's log-normaliser (float64), from which
+    `log_softmax` is recomputed exactly. `nbytes` is what they hold: positions x vocabulary x 4
+    bytes (the demo's 24 test chats: 1,857 x 49,152 x 4 = 365 MB)."""
 
     def __init__(self, scorer: Scorer, convs: Sequence[Conversation], span: str):
         self.span = span
         self.scorer = scorer
-        self.memo = {id(c): p.astype(np.float32) for c, p in zip(convs, scores(scorer, convs, span))}
+        if hasattr(scorer, "logits"):
+            kept = ((np.array(x, dtype=np.float32), _log_normaliser(x)) for x in scorer.logits(convs, span))
+        else:  # a plain scorer: its float64 log-probabilities as they are
+            kept = ((p, np.zeros((len(p), 1))) for p in scores(scorer, convs, span))
+        self.memo = dict(zip((id(c) for c in convs), kept))
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.memo.values())
+        return sum(x.nbytes + z.nbytes for x, z in self.memo.values())
 
     def many(self, convs, span):
         for c in convs:
-            yield self.memo[id(c)] if span == self.span and id(c) in self.memo else self.scorer(c, span)
+            if span == self.span and id(c) in self.memo:
+                x, z = self.memo[id(c)]
+                yield x.astype(np.float64) - z
+            else:
+                yield self.scorer(c, span)
+
+
+def _log_normaliser(x: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) per position, in float64 as log_softmax computes it."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def reference_scores(scorer: Scorer, convs: Sequence[Conversation], span: str = "all") -> ReferenceScores:

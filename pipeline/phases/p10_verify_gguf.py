@@ -75,7 +75,7 @@ class Reference:
 
     @property
     def scorer(self) -> agreement.Scorer:
-        if self.scores is None:  # float32, positions x vocabulary: 365 MB for the demo's 24 chats
+        if self.scores is None:  # float32 logits, positions x vocabulary: 365 MB for the demo's 24 chats
             self.scores = agreement.reference_scores(agreement.mlx_scorer(self.model), self.convs, "all")
         return self.scores
 
@@ -121,6 +121,7 @@ def verify_gguf(cfg) -> VerifyResult:
         click.echo(f"\nMLX reference: {ref.label} (float32); {len(ref.convs)} test rows compared, "
                    f"{len(ref.answered)} answered")
         mlx_rows.append(_mlx_row(ref, paths, cfg))
+        click.echo(f"  its logits on the compared rows, kept for every file: {human_size(ref.scores.nbytes)}")
         for e in measured:
             click.echo(f"\n{e.name}:")
             row, problems = _measure(e, ref, cfg, fused_manifest)
