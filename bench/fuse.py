@@ -1,7 +1,7 @@
 """07 fuse vs `mlx_lm fuse`, both ways (--de-quantize and not), and 03 quantize vs `mlx_lm convert -q`.
 
-    python -m bench.fuse                  # fuse both ways x 2 repeats, quantize x 1
-    python -m bench.fuse --repeats 1 --no-quantize
+    python -m bench.fuse                  # fuse both ways x 2 repeats (make bench)
+    python -m bench.fuse --quantize       # and 03 quantize vs mlx_lm convert -q, x 1
 
 Input: bench.inputs' synthetic 1.2 B Llama (bf16), its 4-bit base and 2-iteration adapter (all
 layers), linked into a run of its own under bench/work/fuse/ so that fused/ of the shared run
@@ -128,11 +128,13 @@ def main(argv: list[str] | None = None) -> list:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side for the fuse (interleaved)")
     ap.add_argument("--quantize-repeats", type=int, default=1)
-    ap.add_argument("--no-quantize", action="store_true", help="skip 03 vs mlx_lm convert")
+    # Off by default: ~40 s more, and make bench has 4 minutes for this module (measured 2026-12-01,
+    # shared 2-core machine at load 8-10: fuse 320 s, quantize 37 s; 03 was 0.93-1.14x, peak 0.59x input).
+    ap.add_argument("--quantize", action="store_true", help="also 03 quantize vs mlx_lm convert -q")
     args = ap.parse_args(argv if argv is not None else [])
     t0 = time.perf_counter()
     rows = list(zip(("fuse --de-quantize", "fuse --no-dequantize"), bench_fuse(args.repeats), strict=True))
-    if not args.no_quantize:
+    if args.quantize:
         rows.append(("quantize 4-bit", bench_quantize(args.quantize_repeats)))
     print(table(rows))
     print(f"[fuse] {time.perf_counter() - t0:.0f} s in all", flush=True)
