@@ -128,9 +128,10 @@ def _print_table(row: dict, base_bytes: int) -> None:
               f"{side['peak_rss_gb'] * 1e9 / base_bytes:.2f}x | {side.get('written_gb', 0):.2f} |")
     print(f"| ratio | {r.get('wall_s', 0):.2f}x | {r.get('peak_rss_gb', 0):.2f}x | | {r.get('written_gb', 0):.2f}x |")
     rf = row["run_folder"]
-    print(f"\nrun folder: {rf['total_bytes'] / 1e9:.2f} GB = {rf['x_base']}x the base model; "
-          f"{json.dumps({k: round(v / 1e9, 2) for k, v in rf['folders'].items()})} GB; "
-          f"shared (hard links, counted once): {json.dumps({k: round(v / 1e9, 2) for k, v in rf['shared_bytes'].items()})} GB")
+    gb = {k: round(v / 1e9, 2) for k, v in rf["folders"].items()}
+    shared = {k: round(v / 1e9, 2) for k, v in rf["shared_bytes"].items()}
+    print(f"\nrun folder: {rf['total_bytes'] / 1e9:.2f} GB = {rf['x_base']}x the base model; {json.dumps(gb)} GB; "
+          f"shared (hard links, counted once): {json.dumps(shared)} GB")
 
 
 if __name__ == "__main__":
