@@ -31,9 +31,10 @@ def _padded(n: int) -> int:
 
 
 @contextlib.contextmanager
-def _context(llm, seq_len: int, n_seq: int, n_batch: int):
+def _context(llm, seq_len: int, n_seq: int, n_batch: int, generating: bool = False):
     """A llama.cpp context on `llm`'s model with `n_seq` streams of `seq_len` cells (the LoRA of
-    `llm` applied), freed on exit."""
+    `llm` applied), freed on exit. `generating`: llm's generation threads (llama-cpp-python's
+    default, half the cores) for every decode, else its batch threads (all cores)."""
     import llama_cpp
     from llama_cpp import _internals
 
@@ -43,8 +44,12 @@ def _context(llm, seq_len: int, n_seq: int, n_batch: int):
     params.n_ctx = n_seq * _padded(seq_len)
     params.n_batch = max(n_batch, 1)
     params.n_ubatch = min(params.n_batch, 512)
-    # Batches of more than one token use n_threads_batch; a lone last answer should too.
-    params.n_threads = params.n_threads_batch
+    # llama.cpp takes n_threads for one-token batches, n_threads_batch for the rest. Answer steps
+    # are small batches: on 2 busy cores a second thread waiting at every op's barrier made them
+    # far slower (30 demo answers: 36 s with 1 thread, over 3 min with 2), so they keep the
+    # generation count, as one-token steps did.
+    threads = params.n_threads if generating else params.n_threads_batch
+    params.n_threads = params.n_threads_batch = threads
     ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
     try:
         if getattr(llm, "_lora_adapter", None) is not None:
@@ -159,14 +164,22 @@ def greedy(llm, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[
     if max_tokens <= 0 or not prompts:
         return answers
     lengths = [len(p) for p in prompts]
+    model = llm._model.model
+    recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
     for group in _groups([n + max_tokens for n in lengths], [1] * len(prompts), n_vocab):
         width = max(lengths[i] for i in group)
         spare = len(group)  # a stand-in sequence: a step never decodes a lone token (see _rows)
-        with _context(llm, width + max_tokens, len(group) + 1, max(width, 2) * len(group)) as ctx:
-            tokens, positions, seq_ids = _rows(prompts, group, width)
-            last = positions == np.repeat([lengths[i] - 1 for i in group], width)
+        with _context(llm, width + max_tokens, len(group) + 1, max(width, 2) * len(group), generating=True) as ctx:
+            if recurrent:  # a recurrent state cannot drop padding: prompts as they are
+                tokens = np.concatenate([np.asarray(prompts[i], dtype=np.int32) for i in group])
+                positions = np.concatenate([np.arange(lengths[i], dtype=np.int32) for i in group])
+                seq_ids = np.repeat(np.arange(len(group), dtype=np.int32), [lengths[i] for i in group])
+            else:
+                tokens, positions, seq_ids = _rows(prompts, group, width)
+            last = positions == np.repeat([lengths[i] - 1 for i in group], [lengths[i] if recurrent else width
+                                                                              for i in group])
             nxt = _decode(ctx, _Batch(tokens, positions, seq_ids, last), n_vocab).argmax(-1).tolist()
-            for row, i in enumerate(group):  # drop the padding from the cache: answers go there
+            for row, i in enumerate(group if not recurrent else []):  # drop the padding: answers go there
                 llama_cpp.llama_memory_seq_rm(ctx.memory, row, lengths[i], -1)
             active = list(range(len(group)))
             while True:
