@@ -104,6 +104,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 MLX_BATCH = 8  # conversations per MLX forward (right-padded: a causal model's earlier positions ignore the pad)
+MLX_LOGITS = 64 * 2**20  # float32 logits of one MLX forward at most (256 MB)
 
 
 class _BatchScorer:
@@ -127,8 +128,13 @@ class _MlxScorer(_BatchScorer):
     def logits(self, convs, span):
         import mlx.core as mx
 
-        for i in range(0, len(convs), MLX_BATCH):
-            chunk = convs[i: i + MLX_BATCH]
+        vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
+        i = 0
+        while i < len(convs):
+            # As many rows as keep the batch's logits within MLX_LOGITS floats (one row at least).
+            width = max(len(c.ids) for c in convs[i: i + MLX_BATCH])
+            rows = max(1, min(MLX_BATCH, MLX_LOGITS // (width * vocab))) if vocab else 1
+            chunk, i = convs[i: i + rows], i + rows
             width = max(len(c.ids) for c in chunk)
             ids = np.zeros((len(chunk), width), dtype=np.int32)
             for row, c in enumerate(chunk):
