@@ -80,6 +80,20 @@ def describe_machine() -> dict:
             "load_average_at_start": load}
 
 
+# A forked child's peak RSS starts at its parent's size before exec, so the measured command is
+# forked from this small fresh interpreter instead of from the (large) benchmark process.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def measure(cmd: Cmd, log: Path | None = None) -> Run:
     """Run `cmd` once in a fresh process; raise with its output tail if it fails."""
     if cmd.before:
@@ -87,17 +101,17 @@ def measure(cmd: Cmd, log: Path | None = None) -> Run:
     env = dict(os.environ, **cmd.env)
     log = log or WORK / "last.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    rss_file = log.with_suffix(".maxrss")
     with open(log, "w") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd.argv, env=env, cwd=cmd.cwd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), *cmd.argv], env=env,
+                              cwd=cmd.cwd, stdout=out, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd.argv)} exited {proc.returncode}:\n{text[-3000:]}")
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    # ru_maxrss (of the command and the children it waited for) is in KiB on Linux, bytes on macOS.
+    rss = int(rss_file.read_text()) * (1 if sys.platform == "darwin" else 1024)
     return Run(wall, rss / 1e9, cmd.figures(text) if cmd.figures else {})
 
 

@@ -42,3 +42,11 @@ def test_peak_rss_and_ratio(results_dir):
 def test_failing_command_names_its_output(results_dir):
     with pytest.raises(RuntimeError, match=r"(?s)exited 3:.*boom"):
         harness.measure(harness.Cmd([sys.executable, "-c", "print('boom'); raise SystemExit(3)"]))
+
+
+def test_peak_rss_is_the_commands_not_the_callers(results_dir):
+    ballast = bytearray(400 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # this process is now > 400 MB resident
+    run = harness.measure(_alloc(20))
+    assert run.peak_rss_gb < 0.15
+    del ballast
