@@ -86,6 +86,16 @@ def cast_floats(model: nn.Module, dtype) -> None:
     model.update(params)
 
 
+def checked_config_overrides(model_dir: Path) -> dict:
+    """Validate the folder's config and weight headers; return the config keys mlx-lm must be given
+    instead (a folder that skipped phase 02 may carry a config form mlx-lm misreads)."""
+    cfg = read_config(model_dir)
+    check_weight_files(model_dir)
+    normalised = dict(cfg)
+    arch.normalise_config(normalised)
+    return {k: v for k, v in normalised.items() if cfg.get(k) != v}
+
+
 def load_model(model_dir: str | Path, dtype_choice: str = "auto", cpu_dequantize: bool = True):
     """Load an MLX/HF model folder with mlx-lm, in the compute dtype of this backend.
 
@@ -95,12 +105,7 @@ def load_model(model_dir: str | Path, dtype_choice: str = "auto", cpu_dequantize
     from mlx_lm.utils import load
 
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    check_weight_files(model_dir)
-    # A folder that skipped phase 02 may carry a config form mlx-lm misreads: fix it in memory.
-    normalised = dict(cfg)
-    arch.normalise_config(normalised)
-    overrides = {k: v for k, v in normalised.items() if cfg.get(k) != v}
+    overrides = checked_config_overrides(model_dir)
     try:
         model, tokenizer, config = load(str(model_dir), model_config=overrides, return_config=True)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -271,11 +276,7 @@ def load_streamed(model_dir: str | Path, adapters: str | Path | None = None) -> 
     from mlx_lm.utils import load_model as mlx_load_model
 
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    check_weight_files(model_dir)
-    normalised = dict(cfg)
-    arch.normalise_config(normalised)
-    overrides = {k: v for k, v in normalised.items() if cfg.get(k) != v}
+    overrides = checked_config_overrides(model_dir)
     try:
         model, _ = mlx_load_model(model_dir, lazy=True, model_config=overrides)
     except (ValueError, KeyError, FileNotFoundError) as e:
