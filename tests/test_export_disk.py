@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from export_fixtures import PROMPTS, make_cfg, shrink_adapter
+from export_fixtures import PROMPTS, copy_run, make_cfg, shrink_adapter
 from pipeline import fsio, hf_export
 from pipeline.fsio import disk_usage, hash_model_dir, link_or_copy
 from pipeline.phases.p08_convert_to_hf import convert_to_hf
@@ -30,8 +30,12 @@ def test_hf_links_a_dequantized_fuse_and_a_refuse_leaves_it_intact(export_runs):
 
     from pipeline.phases.p07_fuse_lora import fuse
 
-    fcfg, fused = export_runs.fused("llama", dequantize=True)  # bf16, the export's default dtype
-    root, run = fused.path.parents[1], fused.path.parent
+    # A run of its own: the re-fuse below changes its adapter, which the shared fused runs must keep.
+    root = export_runs.trained("llama")
+    copy_run(root, "disk-links")
+    fcfg = make_cfg(root, run="disk-links", fuse__dequantize=True)  # bf16, the export's default dtype
+    fused = fuse(fcfg)
+    run = fused.path.parent
     result = convert_to_hf(make_cfg(root, run=fcfg.run))
     hf = result.path
     assert _inodes(hf) == _inodes(fused.path) and _inodes(hf)  # the same files, no second copy
@@ -95,13 +99,15 @@ def test_gguf_working_f16_removed_and_disk_reported(export_runs):
     result = convert_to_gguf(cfg)
     assert not is_mlx_folder(run / "hf")  # 08's export, though its shards are fused/'s
     assert list(result.files) == ["Q8_0"]
-    assert sorted(p.name for p in (run / "gguf").iterdir()) == sorted(["manifest.json", f"{fcfg.run}-Q8_0.gguf"])
+    # (the shared fixture run's gguf/ may hold other tests' non-GGUF files)
+    assert sorted(p.name for p in (run / "gguf").glob("*.gguf")) == [f"{fcfg.run}-Q8_0.gguf"]
     manifest = json.loads((run / "gguf" / "manifest.json").read_text())
     assert list(manifest["outputs"]["files"]) == ["Q8_0"]
     disk = manifest["disk"]
     now = disk_usage(run)
     assert set(disk["folders"]) == set(now["folders"]) and disk["base_bytes"] == now["folders"]["base"]["bytes"]
-    assert disk["folders"]["gguf"]["bytes"] == result.files["Q8_0"].stat().st_size  # before its manifest
+    others = sum(p.stat().st_size for p in (run / "gguf").iterdir() if p.name != "manifest.json")
+    assert disk["folders"]["gguf"]["bytes"] == others  # measured before its manifest was written
     assert disk["x_base"] == round(disk["total_bytes"] / disk["base_bytes"], 2)
     assert disk["folders"]["hf"]["shared_bytes"] > 0
 
