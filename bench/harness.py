@@ -52,12 +52,10 @@ def machine_name() -> str:
 
 
 def gpu_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+    from pipeline.runtime import visible_nvidia_gpus
+
+    gpus = visible_nvidia_gpus()
+    return gpus[0] if gpus else ""
 
 
 def describe_machine() -> dict:
