@@ -55,7 +55,8 @@ train:
   iters: {iters}
   batch_size: {batch}
   learning_rate: 1.0e-5
-  mask_prompt: false
+  mask: none
+  keep_best: false
   steps_per_report: {report}
   steps_per_eval: 100000
   val_batches: 1

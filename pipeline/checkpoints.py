@@ -40,7 +40,8 @@ TRAJECTORY_KEYS = [
     "seed", "quantize.enabled", "data.max_seq_length",
     "train.fine_tune_type", "train.rank", "train.alpha", "train.dropout", "train.targets",
     "train.num_layers", "train.batch_size", "train.learning_rate", "train.lr_schedule",
-    "train.warmup_steps", "train.min_learning_rate", "train.mask_prompt",
+    "train.warmup_steps", "train.min_learning_rate", "train.mask", "train.bucket_window",
+    "train.grad_accumulation_steps",
 ]
 DATA_FILES = ["train.jsonl", "valid.jsonl"]
 

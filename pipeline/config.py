@@ -96,7 +96,29 @@ class TrainConfig:
     )
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to learning_rate (0: none).", minimum=0)
     min_learning_rate: float = opt(0.0, "Learning rate the cosine schedule ends at.", minimum=0.0)
-    mask_prompt: bool = opt(True, "Train only on the answer tokens (chat/completions data).")
+    mask: str = opt(
+        "assistant",
+        "Tokens the loss is computed on. assistant: every assistant turn of a chat (with its end-of-turn token) "
+        "and the completion of completions rows; last: only the last message (mlx-lm's mask_prompt); none: every "
+        "token. Text rows always train every token.",
+        choices=["assistant", "last", "none"], env="TRAIN_MASK",
+    )
+    bucket_window: int = opt(
+        32, "Batches whose rows are sorted by length together before the batches are shuffled (1: no "
+        "length bucketing). Larger: less padding, less random batches.", minimum=1)
+    grad_accumulation_steps: int = opt(
+        1, "Batches whose gradients are summed into one optimizer step (train.iters counts optimizer steps).",
+        minimum=1)
+    keep_best: bool = opt(True, "Keep the adapter with the lowest validation loss in adapters/best/.")
+    early_stopping_patience: int = opt(
+        0, "Stop after this many validations without a lower validation loss (0: never stop early).", minimum=0)
+    nproc: int = opt(1, "Data-parallel ranks on this machine, run under mlx.launch (1: one process).",
+                     env="NPROC", minimum=1)
+    hosts: str | None = opt(None, "mlx.launch hostfile (JSON) for data-parallel training across machines.",
+                            env="HOSTS")
+    distributed_backend: str = opt(
+        "auto", "mlx.launch backend for nproc > 1 or hosts: ring (TCP), mpi, nccl (CUDA); auto: nccl on CUDA, "
+        "else ring.", choices=["auto", "ring", "mpi", "nccl"])
     steps_per_report: int = opt(10, "Steps between training-loss reports.", minimum=1)
     steps_per_eval: int = opt(50, "Steps between validation-loss reports.", minimum=1)
     val_batches: int = opt(8, "Validation batches per report (-1: the whole split).", minimum=-1)
@@ -219,6 +241,12 @@ class Config:
     models_dir: str = opt("models", "Folder holding one sub-folder per run.", env="MODELS_DIR")
     seed: int = opt(0, "Seed for data splits, sampling and initialisation.", env="SEED")
     test_mode: bool = opt(False, "Smoke run: a few iterations and samples (TEST_MODE=1).", env="TEST_MODE")
+    adapter: str = opt(
+        "best",
+        "Adapter that 05-10 use: best (adapters/best/, the lowest validation loss; the last step's when there is "
+        "none) or last (the last step's, adapters/).",
+        choices=["best", "last"], env="ADAPTER",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -355,6 +383,11 @@ SPECIAL_ENV: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
 }
 
 
+# Keys that were renamed, and how to write them now.
+RENAMED = {"train.mask_prompt": "write train.mask: assistant (every assistant turn; was true), last (mlx-lm's "
+                                "mask_prompt) or none (was false)"}
+
+
 def _flatten_yaml(data: Mapping, path: Path) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
@@ -369,6 +402,9 @@ def _flatten_yaml(data: Mapping, path: Path) -> dict[str, Any]:
                 flat[f"{k}.{sk}"] = sv
         else:
             flat[str(k)] = v
+    for old, new in RENAMED.items():
+        if old in flat:
+            raise ConfigError(f"{path}: {old} was renamed: {new}.")
     unknown = sorted(k for k in flat if k not in KEYS)
     if unknown:
         allowed = ", ".join(KEYS)

@@ -231,7 +231,7 @@ def test_bad_env_value_names_variable_key_and_expectation(env, key, bad, hint):
     [
         ({"train": {"rank": 4.5}}, "train.rank"),
         ({"train": {"rank": True}}, "train.rank"),
-        ({"train": {"mask_prompt": "sometimes"}}, "train.mask_prompt"),
+        ({"train": {"mask": "sometimes"}}, "train.mask"),
         ({"train": {"targets": []}}, "train.targets"),
         ({"data": {"valid_fraction": 0.9}}, "data.valid_fraction"),
         ({"train": {"rank": None}}, "train.rank"),
@@ -343,13 +343,13 @@ def test_click_options_left_out_do_not_override_yaml(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     seen = {}
     monkeypatch.setattr(cli, "_call", lambda target, cfg, **kw: seen.setdefault("cfg", cfg))
-    path = write_yaml(tmp_path, {"train": {"rank": 4, "alpha": 8, "mask_prompt": False},
+    path = write_yaml(tmp_path, {"train": {"rank": 4, "alpha": 8, "mask": "none"},
                                  "quantize": {"enabled": False}})
     result = CliRunner().invoke(cli.main, ["train", "--config", str(path), "--iters", "3"])
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.train.rank, cfg.train.alpha, cfg.train.iters) == (4, 8.0, 3)
-    assert cfg.train.mask_prompt is False and cfg.quantize.enabled is False
+    assert cfg.train.mask == "none" and cfg.quantize.enabled is False
 
 
 def test_cli_config_error_exits_2(tmp_path, monkeypatch):
