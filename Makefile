@@ -27,7 +27,8 @@ ARGS := --config $(CONFIG) --run $(RUN_NAME) --models-dir $(MODELS_DIR)
 
 # Options that change an output without touching CONFIG are remembered in small stamp files,
 # so `make fuse DEQUANTIZE=1` after a plain `make fuse` re-fuses instead of saying "nothing to do".
-export DEQUANTIZE QUANTS IMATRIX
+# ADAPTER=last|best: the adapter eval, fuse and what follows use (best: adapters/best/, the default).
+export DEQUANTIZE QUANTS IMATRIX ADAPTER
 define remember
 @mkdir -p $(dir $(1)); echo '$(2)' | cmp -s - $(1) 2>/dev/null || echo '$(2)' > $(1)
 endef
@@ -37,7 +38,7 @@ endef
 
 help:
 	@echo "targets: setup base data quantize train eval fuse hf gguf verify install demo test bench clean"
-	@echo "  CONFIG=$(CONFIG)  run $(RUN_NAME)  DEQUANTIZE=$(DEQUANTIZE)  QUANTS=$(QUANTS)"
+	@echo "  CONFIG=$(CONFIG)  run $(RUN_NAME)  DEQUANTIZE=$(DEQUANTIZE)  QUANTS=$(QUANTS)  ADAPTER=$(ADAPTER)"
 
 setup: $(STAMP)
 
@@ -105,16 +106,18 @@ $(RUNDIR)/adapters/manifest.json: $(RUNDIR)/data/manifest.json $(RUNDIR)/base-qu
 	$(CLI) train $(ARGS) $(if $(filter 1 true yes on,$(RESUME)),--resume)
 
 eval: $(RUNDIR)/eval/manifest.json
-$(RUNDIR)/eval/manifest.json: $(RUNDIR)/adapters/manifest.json
+$(RUNDIR)/eval/manifest.json: $(RUNDIR)/adapters/manifest.json $(RUNDIR)/.adapter-choice
 	$(CLI) eval $(ARGS)
 
+$(RUNDIR)/.adapter-choice: FORCE
+	$(call remember,$@,ADAPTER=$(ADAPTER))
 $(RUNDIR)/.fuse-mode: FORCE
 	$(call remember,$@,DEQUANTIZE=$(DEQUANTIZE))
 $(RUNDIR)/.gguf-quants: FORCE
 	$(call remember,$@,QUANTS=$(QUANTS) IMATRIX=$(IMATRIX))
 
 fuse: $(RUNDIR)/fused/manifest.json
-$(RUNDIR)/fused/manifest.json: $(RUNDIR)/adapters/manifest.json $(RUNDIR)/.fuse-mode
+$(RUNDIR)/fused/manifest.json: $(RUNDIR)/adapters/manifest.json $(RUNDIR)/.fuse-mode $(RUNDIR)/.adapter-choice
 	$(CLI) fuse $(ARGS)
 
 hf: $(RUNDIR)/hf/manifest.json

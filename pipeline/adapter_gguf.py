@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 
 from . import agreement, arch, llamacpp
@@ -41,8 +42,9 @@ from .data.formats import prompt_and_answer
 from .errors import MissingInputError, PipelineError
 from .fsio import atomic_path, hash_model_dir, sha256_file, write_json
 from .hf_export import copy_tokenizer_files, dense_weights, hf_config, save_shards
+from .manifest import MANIFEST, read_adapter_manifest
 from .metrics import score_answers
-from .paths import RunPaths
+from .paths import AdapterChoice, RunPaths
 
 LORA_CONVERTER = "convert_lora_to_gguf.py"
 OUTTYPE = "F16"
@@ -270,6 +272,10 @@ def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
         raise PipelineError(f"pair_with must be train_base or hf_base, not {pair_with!r}.")
     paths = RunPaths(cfg)
     llamacpp.require_converter()
+    choice = paths.adapter_choice
+    read_adapter_manifest(choice.source, choice.kind)
+    check_fused_adapter(paths, choice)
+    click.echo(f"      {choice.describe()}")
     base_dir = paths.base
     if not (base_dir / "config.json").is_file():
         raise MissingInputError(f"{base_dir} is missing: the LoRA converter needs the base model's config.json. "
@@ -281,7 +287,7 @@ def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
     t0 = time.time()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".adapter-peft-") as d:
         peft_dir = Path(d) / "peft"
-        stats = mlx_to_peft(paths.adapters, peft_dir, base_config, base_name=str(base_dir))
+        stats = mlx_to_peft(choice.folder, peft_dir, base_config, base_name=str(base_dir))
         with atomic_path(out) as tmp:
             convert_lora(peft_dir, base_dir, tmp)
     adapter_seconds = round(time.time() - t0, 2)
@@ -304,8 +310,9 @@ def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
     result = {
         "adapter_gguf": str(out), "base_gguf": str(base_out), "adapter_size_bytes": out.stat().st_size,
         "adapter_sha256": sha256_file(out), "adapter_seconds": adapter_seconds,
-        "adapter_source": str(paths.adapters),
-        "adapter_source_sha256": sha256_file(paths.adapters / "adapters.safetensors"),
+        "adapter_source": str(choice.folder),
+        "adapter_source_sha256": sha256_file(choice.file),
+        "adapter": choice.record(),
         **stats, "base": base_info,
         "usage": {"llama.cpp": f"llama-cli -m {base_out.name} --lora {out.name}",
                   "llama_cpp_python": f"Llama(model_path='{base_out.name}', lora_path='{out.name}')",
@@ -313,6 +320,30 @@ def write_adapter_gguf(cfg, pair_with: str = "train_base") -> dict:
     }
     write_json(side, result)
     return result
+
+
+def check_fused_adapter(paths: RunPaths, choice: AdapterChoice) -> None:
+    """The LoRA GGUF must carry the adapter fused/ was made from (09 exports both from one run):
+    refused when the config chooses another one than 07 fuse used (ADAPTER / --adapter changed)."""
+    try:
+        fused = json.loads((paths.fused / MANIFEST).read_text()).get("adapter") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # no fuse yet, or one from before adapters were recorded
+    made, now = fused.get("sha256"), sha256_file(choice.file) if choice.file.is_file() else None
+    if made and made != now:
+        raise PipelineError(
+            f"{paths.fused} was fused from the {adapter_words(fused)} adapter ({fused.get('folder')}), but the "
+            f"config chooses {choice.describe().removeprefix('adapter: ')}: the LoRA GGUF would carry another "
+            f"fine-tune than the other GGUF files. Fuse that one first (`make gguf ADAPTER={choice.kind}` re-fuses, "
+            f"or `mlx-pipeline fuse --adapter {choice.kind}`), or export the fused one: --adapter "
+            f"{fused.get('adapter', 'best')} (ADAPTER={fused.get('adapter', 'best')}).")
+
+
+def adapter_words(record: dict) -> str:
+    """A manifest's `adapter` record (paths.AdapterChoice.record) in words: "best (step 120)", "last step"."""
+    if record.get("adapter") == "best":
+        return f"best (step {record['step']})" if record.get("step") is not None else "best"
+    return "last step's"
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +361,7 @@ def compare_with_mlx(cfg, base_gguf: Path | None = None, lora_gguf: Path | None 
     max_rows = cfg.verify.max_rows if max_rows is None else max_rows
     max_tokens = cfg.eval.max_tokens if max_tokens is None else max_tokens
     rows = agreement.read_rows(paths.data / "test.jsonl")
-    model, tokenizer = agreement.load_trained(paths.train_base, paths.adapters)
+    model, tokenizer = agreement.load_trained(paths.train_base, paths.adapter)
     convs = agreement.conversations(tokenizer, rows[:max_rows])
     trained = agreement.cached(agreement.mlx_scorer(model), convs, "all")
     prompts, refs = zip(*[prompt_and_answer(r) for r in rows[:max_samples]]) if max_samples else ((), ())

@@ -52,19 +52,19 @@ COMMANDS = {
     "eval": (
         "pipeline.phases.p05_evaluate:evaluate",
         ["eval"],
-        ["quantize.enabled", "eval.max_samples", "eval.max_tokens", "eval.show_samples"],
+        ["adapter", "quantize.enabled", "eval.max_samples", "eval.max_tokens", "eval.show_samples"],
         "05 Base vs base + adapter: test loss, perplexity, task metric, sample answers.",
     ),
     "generate": (
         "pipeline.phases.p06_generate:generate",
         ["generate"],
-        ["quantize.enabled", "generate.max_tokens", "generate.temperature"],
+        ["adapter", "quantize.enabled", "generate.max_tokens", "generate.temperature"],
         "06 Chat with (or complete a prompt on) the base model plus the trained adapter.",
     ),
     "fuse": (
         "pipeline.phases.p07_fuse_lora:fuse",
         ["fuse"],
-        ["quantize.enabled", "fuse.dequantize", "fuse.dtype", "fuse.rebase", "fuse.strict"],
+        ["adapter", "quantize.enabled", "fuse.dequantize", "fuse.dtype", "fuse.rebase", "fuse.strict"],
         "07 Fuse the adapter into the base: --no-dequantize (default) keeps it quantized, --de-quantize writes full "
         "precision.",
     ),
@@ -77,14 +77,14 @@ COMMANDS = {
     "gguf": (
         "pipeline.phases.p09_convert_to_gguf:convert_to_gguf",
         ["gguf"],
-        ["gguf.outtype", "gguf.quantizations", "gguf.threads", "gguf.native", "gguf.adapter_gguf",
+        ["adapter", "gguf.outtype", "gguf.quantizations", "gguf.threads", "gguf.native", "gguf.adapter_gguf",
          "gguf.imatrix", "gguf.imatrix_chunks", "gguf.imatrix_chunk_tokens"],
         "09 Convert to GGUF with llama.cpp's converter, then Q8_0 / Q5_K_M / Q4_K_M with its quantizer.",
     ),
     "verify": (
         "pipeline.phases.p10_verify_gguf:verify_gguf",
         ["verify"],
-        ["verify.max_rows", "verify.max_samples", "verify.f16_max_kl", "eval.max_tokens"],
+        ["adapter", "verify.max_rows", "verify.max_samples", "verify.f16_max_kl", "eval.max_tokens"],
         "10 Load every GGUF in llama.cpp and measure it against the MLX fused model.",
     ),
     "install": (
@@ -114,11 +114,11 @@ EXAMPLES = {
                  S + "phase2-base-model/03_quantize_base_model.py --config configs/llama-3.2-3b.yaml"],
     "train": ["make train", "TEST_MODE=1 mlx-pipeline train --run myrun --iters 50 --rank 16",
               S + "phase3-train/04_train_lora.py --config configs/default.yaml --resume"],
-    "eval": ["make eval", "mlx-pipeline eval --run myrun --max-samples 20",
+    "eval": ["make eval", "mlx-pipeline eval --run myrun --max-samples 20 --adapter last",
              S + "phase3-train/05_evaluate.py --run demo --skip-base"],
     "generate": ["mlx-pipeline generate --run demo --prompt 'Ken ordered 2 red lamps for Oslo.'",
                  S + "phase3-train/06_generate.py --run demo --no-adapter"],
-    "fuse": ["make fuse DEQUANTIZE=1",
+    "fuse": ["make fuse DEQUANTIZE=1", "make fuse ADAPTER=last",
              "mlx-pipeline fuse --run demo --de-quantize",
              S + "phase4-fine-tune-model/07_fuse_lora.py --base-model models/demo/base-quantized \\",
              "    --adapter-path models/demo/adapters --output-dir fused-model --no-dequantize"],

@@ -86,6 +86,26 @@ def read_manifest(out_dir: str | Path, make_target: str, verify: bool = True) ->
     return manifest
 
 
+def read_adapter_manifest(adapters: str | Path, kind: str) -> dict:
+    """The 04 manifest of a training output folder, checking the adapter file 05-10 load: for `kind`
+    "best" adapters/best/adapters.safetensors against outputs.best, for "last" adapters.safetensors
+    against outputs.adapter_file (paths.AdapterChoice). The other one is not read."""
+    adapters = Path(adapters)
+    manifest = read_manifest(adapters, "train", verify=False)
+    outputs = manifest.get("outputs") or {}
+    use_last = " Or use the last step's adapter: --adapter last (ADAPTER=last)."
+    if kind == "best" and not isinstance(outputs.get("best"), dict):
+        raise ChangedOutputError(
+            f"{adapters / 'best'} is not recorded in {adapters / MANIFEST} (no outputs.best): this run's training "
+            f"did not write it. Re-run `make train` (or `mlx-pipeline train`) to make it again.{use_last}")
+    other = "adapter_file" if kind == "best" else "best"
+    try:
+        verify_outputs(adapters, {**manifest, "outputs": {k: v for k, v in outputs.items() if k != other}}, "train")
+    except ChangedOutputError as e:
+        raise ChangedOutputError(str(e) + (use_last if kind == "best" else "")) from None
+    return manifest
+
+
 def verify_outputs(out_dir: str | Path, manifest: dict, make_target: str) -> None:
     out_dir, outputs = Path(out_dir), manifest.get("outputs") or {}
     stats = manifest.get("file_stats") or {}
@@ -127,14 +147,24 @@ def _hashed(outputs):
 
 
 def _local(out_dir: Path, recorded: str) -> Path:
-    """The file of that name in the manifest's folder (recorded paths go stale when a run folder is
-    moved, or point at the final name while the manifest is written in a temporary folder)."""
-    p = out_dir / Path(recorded).name
-    return p if p.exists() else Path(recorded)
+    """The recorded file in the manifest's folder (recorded paths go stale when a run folder is
+    moved, or point at the final name while the manifest is written in a temporary folder): the
+    longest tail of the recorded path found there, so that a file in a sub-folder (adapters/best/
+    adapters.safetensors) is not mistaken for the one of the same name beside the manifest."""
+    parts = Path(recorded).parts
+    for n in range(len(parts) - (1 if Path(recorded).anchor else 0), 0, -1):
+        p = out_dir.joinpath(*parts[-n:])
+        if p.exists():
+            return p
+    return Path(recorded)
 
 
 def _key(out_dir: Path, f: Path) -> str:
-    return f.name if f.parent.resolve() == out_dir.resolve() else str(f)
+    """A file's name in file_stats: its path relative to the manifest's folder when inside it."""
+    try:
+        return f.resolve().relative_to(out_dir.resolve()).as_posix()
+    except ValueError:
+        return str(f)
 
 
 def _stat(f: Path) -> list[int]:

@@ -3,10 +3,81 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MissingInputError, PipelineError
-from .fsio import check_not_inside
+from .fsio import check_not_inside, sha256_file
+
+BEST = "best"  # adapters/best/: the adapter of the lowest validation loss (train.keep_best)
+ADAPTER_FILE = "adapters.safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """The adapter 05-10 load: `kind` "best" (adapters/best/, the lowest validation loss) or "last"
+    (adapters/, the last step's). `source` is the training output folder (its manifest is there)."""
+
+    kind: str
+    folder: Path
+    source: Path
+    step: int | None = None
+    val_loss: float | None = None
+    why: str = ""  # why the last step's: "--adapter last", or no best/
+
+    @property
+    def file(self) -> Path:
+        return self.folder / ADAPTER_FILE
+
+    @property
+    def label(self) -> str:
+        """The folder as a table names it: adapters/ or adapters/best/."""
+        return f"{self.source.name}/{BEST}/" if self.folder != self.source else f"{self.folder.name}/"
+
+    def describe(self) -> str:
+        """The banner line: which adapter, from where."""
+        if self.kind == BEST:
+            at = ", ".join(a for a in (f"step {self.step}" if self.step is not None else "",
+                                       f"val loss {self.val_loss:.3f}" if self.val_loss is not None else "") if a)
+            return f"adapter: best{f' ({at})' if at else ''} from {self.folder}/"
+        return f"adapter: last step ({self.why}) from {self.folder}/"
+
+    def record(self) -> dict:
+        """What a phase's manifest records about the adapter it used (its top-level `adapter` key).
+        "folder", not "path": a {"path", "sha256"} record in outputs is a file the manifest vouches for."""
+        out = {"adapter": self.kind, "folder": str(self.folder)}
+        if self.kind == BEST:
+            out.update(step=self.step, val_loss=self.val_loss)
+        out["sha256"] = sha256_file(self.file) if self.file.is_file() else None
+        return out
+
+
+def choose_adapter(adapters: Path, wanted: str) -> AdapterChoice:
+    """`adapters`: a training output folder (adapters.safetensors, maybe best/), or a best/ folder
+    itself (the guides' path form). `wanted`: the config's `adapter`, best or last."""
+    adapters = Path(adapters)
+    if adapters.name == BEST and (adapters / "best.json").is_file():  # named directly: that one, whatever wanted
+        return _best(adapters, adapters.parent)
+    if wanted == BEST and (adapters / BEST / ADAPTER_FILE).is_file():
+        return _best(adapters / BEST, adapters)
+    if wanted != BEST:
+        why = "chosen with --adapter last / ADAPTER=last"
+    elif (adapters / BEST).is_dir():
+        why = f"{adapters.name}/{BEST}/ has no {ADAPTER_FILE}"
+    else:
+        why = f"no {adapters.name}/{BEST}/: trained with train.keep_best off"
+    return AdapterChoice("last", adapters, adapters, why=why)
+
+
+def _best(folder: Path, source: Path) -> AdapterChoice:
+    try:
+        info = json.loads((folder / "best.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    step, loss = info.get("step"), info.get("val_loss")
+    return AdapterChoice(BEST, folder, source, step if isinstance(step, int) else None,
+                         loss if isinstance(loss, (int, float)) else None)
 
 
 class RunPaths:
@@ -37,7 +108,19 @@ class RunPaths:
 
     @property
     def adapters(self) -> Path:
+        """The training output (04 writes there; its manifest is read there)."""
         return self.root / "adapters"
+
+    @property
+    def adapter_choice(self) -> AdapterChoice:
+        """Which adapter 05-10 use (config `adapter`: best or last), and why."""
+        return choose_adapter(self.adapters, getattr(self.cfg, "adapter", BEST))
+
+    @property
+    def adapter(self) -> Path:
+        """The folder 05-10 load the adapter from: adapters/best/ when the config says best and
+        training kept one, else adapters/."""
+        return self.adapter_choice.folder
 
     @property
     def eval(self) -> Path:
@@ -86,7 +169,7 @@ class GivenPaths(RunPaths):
 
     @property
     def data(self) -> Path | None:
-        data = self.given["adapters"].parent / "data" if "adapters" in self.given else None
+        data = self.adapter_choice.source.parent / "data" if "adapters" in self.given else None
         return data if data is not None and (data / "valid.jsonl").is_file() else None
 
 

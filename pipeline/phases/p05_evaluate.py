@@ -17,7 +17,7 @@ from ..agreement import mlx_answers
 from ..data.formats import prompt_and_answer
 from ..errors import DataError
 from ..fsio import sha256_file, write_json, write_text
-from ..manifest import read_manifest, write_manifest
+from ..manifest import read_adapter_manifest, read_manifest, write_manifest
 from ..metrics import score_answers
 from ..paths import RunPaths
 from .common import done, start_phase
@@ -40,7 +40,9 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
     started = start_phase(cfg, "05 evaluate", ["eval"])
     paths = RunPaths(cfg)
     read_manifest(paths.data, "data")
-    read_manifest(paths.adapters, "train")
+    choice = paths.adapter_choice
+    read_adapter_manifest(choice.source, choice.kind)
+    click.echo(choice.describe())
     rows = _read_rows(paths.data / "test.jsonl")
     if not rows:
         raise DataError(f"{paths.data / 'test.jsonl'} is empty: set data.test_fraction > 0 or add test.jsonl, "
@@ -52,7 +54,7 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
     if not skip_base:
         click.echo("scoring the base model...")
         results["base"] = _score(model, tokenizer, rows, scored, cfg)
-    load_adapters(model, str(paths.adapters))
+    load_adapters(model, str(choice.folder))
     model.eval()
     click.echo("scoring base + adapter...")
     results["adapter"] = _score(model, tokenizer, rows, scored, cfg)
@@ -71,10 +73,10 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
     table = _markdown(report)
     write_text(out / "results.md", table + "\n" + _samples_markdown(samples))
     write_manifest(out, "05_evaluate", cfg, started,
-                   inputs={"adapter": str(paths.adapters),
-                           "adapter_sha256": sha256_file(paths.adapters / "adapters.safetensors"),
+                   inputs={"adapter": str(choice.folder), "adapter_sha256": sha256_file(choice.file),
                            "test_sha256": sha256_file(paths.data / "test.jsonl")},
-                   outputs={"results": str(out / "results.json"), "table": str(out / "results.md")})
+                   outputs={"results": str(out / "results.json"), "table": str(out / "results.md")},
+                   adapter=choice.record())
     click.echo(table)
     for s in samples:
         click.echo(f"\nprompt:   {s['prompt']}\nexpected: {s['reference']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import PipelineError
-from ..manifest import read_manifest
+from ..manifest import read_adapter_manifest, read_manifest
 from ..paths import RunPaths
 from .common import start_phase
 
@@ -22,8 +22,10 @@ def generate(cfg, prompt: str | None = None, use_adapter: bool = True, raw: bool
     read_manifest(paths.train_base, "quantize" if cfg.quantize.enabled else "base")
     model, tokenizer, _ = load_model(paths.train_base, cfg.train.compute_dtype)
     if use_adapter:
-        read_manifest(paths.adapters, "train")
-        load_adapters(model, str(paths.adapters))
+        choice = paths.adapter_choice
+        read_adapter_manifest(choice.source, choice.kind)
+        click.echo(choice.describe())
+        load_adapters(model, str(choice.folder))
     model.eval()
     sampler = make_sampler(temp=cfg.generate.temperature)
 

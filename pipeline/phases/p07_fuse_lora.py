@@ -34,9 +34,9 @@ import click
 from ..errors import MissingInputError, PipelineError
 from ..fsio import atomic_path, dir_size, hash_model_dir, human_size
 from ..hf_export import TOKENIZER_FILES, copy_tokenizer_files  # noqa: F401 (tests name them here)
-from ..manifest import MANIFEST, read_manifest, write_manifest
+from ..manifest import MANIFEST, read_adapter_manifest, read_manifest, write_manifest
 from ..modeling import check_weight_files, weight_arrays
-from ..paths import GivenPaths, RunPaths, check_given_output, require_folder
+from ..paths import AdapterChoice, GivenPaths, RunPaths, check_given_output, require_folder
 from ..survival import (
     end_to_end,
     end_to_end_needed,
@@ -86,7 +86,10 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         if rebase:
             raise PipelineError("--rebase finds the original full-precision base through a run's manifests; with "
                                 "--base-model, fuse into that base directly (--de-quantize for full precision).")
-    adapter_cfg = read_adapter(paths.adapters, given)
+    choice = paths.adapter_choice
+    adapter_cfg = read_adapter(choice, given)
+    click.echo(choice.describe())
+    adapters = choice.folder
     if rebase:
         base, base_hash, trained_on = check_rebase(cfg, paths, adapter_cfg)
     else:
@@ -96,7 +99,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
             check_weight_files(base)  # a folder from elsewhere: headers validated before MLX reads it
         else:  # its content hash, verified against the files by read_manifest
             known_hash = read_manifest(base, "quantize" if cfg.quantize.enabled else "base")["outputs"]["content_hash"]
-        base_hash = check_same_base(adapter_cfg, paths.adapters, base, known_hash)
+        base_hash = check_same_base(adapter_cfg, adapters, base, known_hash)
         trained_on = None
 
     # The genuine model, lazily: quantized layers stay quantized (not pipeline.modeling's CPU form);
@@ -104,9 +107,9 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     model, config = load_model(Path(base), lazy=True)
     base_dtype = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     try:
-        load_adapters(model, str(paths.adapters))  # full fine-tuning: the weights themselves
+        load_adapters(model, str(adapters))  # full fine-tuning: the weights themselves
     except (ValueError, KeyError) as e:  # mlx-lm's shape / missing-key errors: made for another model
-        raise PipelineError(f"The adapter in {paths.adapters} does not fit {base} ({e}): it was trained on "
+        raise PipelineError(f"The adapter in {adapters} does not fit {base} ({e}): it was trained on "
                             "another base model. Fuse it into the base it was trained on.") from None
     dequantize = cfg.fuse.dequantize or rebase
     adapted: dict = {}
@@ -130,7 +133,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     scale_bits = _scale_bits(model)
     weights = dict(tree_flatten(model.parameters()))
     del model  # the weights dict now holds the only references: each tensor is freed once written
-    check_memory(weights, paths.adapters, dequantize)
+    check_memory(weights, adapters, dequantize)
 
     out = paths.fused
     expected = sum(v.nbytes for v in weights.values())  # what is written
@@ -144,7 +147,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         if skipped:
             survival["end_to_end_skipped"] = skipped
         elif fused and paths.data is not None:  # end to end: adapter layers (not full fine-tuning) and data
-            survival["end_to_end"] = end_to_end(paths.train_base if rebase else base, paths.adapters, tmp, base,
+            survival["end_to_end"] = end_to_end(paths.train_base if rebase else base, adapters, tmp, base,
                                                 paths.data / "valid.jsonl", parameters)
         survival["lost"] = lost(survival)
         survival_text = summary_lines(survival)
@@ -153,14 +156,14 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
                                 + f" Nothing was written to {out}.")
         sizes = {
             "base": dir_size(base, "*.safetensors"),
-            "adapter": (paths.adapters / "adapters.safetensors").stat().st_size,
+            "adapter": choice.file.stat().st_size,
             "fused": dir_size(tmp, "*.safetensors"),
         }
         report = size_report(sizes, parameters, config.get("quantization"), scale_bits,
                              dtype.size, delta_error)
         inputs = {
             "base": {"path": str(base), "content_hash": base_hash},
-            "adapter": {"path": str(paths.adapters), "fine_tune_type": adapter_cfg.get("fine_tune_type", "lora")},
+            "adapter": {"path": str(adapters), "fine_tune_type": adapter_cfg.get("fine_tune_type", "lora")},
         }
         if rebase:
             inputs["trained_on"] = trained_on
@@ -176,6 +179,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
             fused_layers=fused,
             report=report,
             survival=survival,
+            adapter=choice.record(),
         )
     click.echo("\n".join(report["explanation"]))
     if rebase:
@@ -205,7 +209,7 @@ def check_rebase(cfg, paths: RunPaths, adapter_cfg: dict) -> tuple[Path, str, di
             "fuse without --rebase (use --de-quantize for full precision).")
     quantized_manifest = read_manifest(paths.quantized, "quantize")
     base_manifest = read_manifest(paths.base, "base")
-    quantized_hash = check_same_base(adapter_cfg, paths.adapters, paths.quantized,
+    quantized_hash = check_same_base(adapter_cfg, paths.adapter, paths.quantized,
                                      quantized_manifest["outputs"]["content_hash"])
     made_from = (quantized_manifest.get("inputs") or {}).get("base_content_hash")
     base_hash = (base_manifest.get("outputs") or {}).get("content_hash")
@@ -235,18 +239,20 @@ def resolve_base(base_model: str) -> Path:
     raise MissingInputError(f"--base-model {base_model}: no such folder, and not a Hub repo id (owner/name).")
 
 
-def read_adapter(adapters: Path, given: bool) -> dict:
-    """adapter_config.json; an adapter of a run is also checked against its 04 manifest. A given
-    folder from elsewhere (`mlx_lm lora`) has no manifest: its header is validated instead."""
+def read_adapter(choice: AdapterChoice, given: bool) -> dict:
+    """adapter_config.json of the chosen adapter (adapters/best/ or adapters/, paths.AdapterChoice); an
+    adapter of a run is also checked against its 04 manifest. A given folder from elsewhere (`mlx_lm
+    lora`) has no manifest: its header is validated instead."""
+    adapters = choice.folder
     if not given:
-        read_manifest(adapters, "train")
-    elif not (adapters / "adapters.safetensors").is_file():
+        read_adapter_manifest(choice.source, choice.kind)
+    elif not choice.file.is_file():
         raise MissingInputError(f"{adapters} has no adapters.safetensors: --adapter-path must be the folder "
                                 "`mlx-pipeline train` (adapters/) or `mlx_lm lora` (--adapter-path) wrote.")
-    elif (adapters / MANIFEST).is_file():
-        read_manifest(adapters, "train")
+    elif (choice.source / MANIFEST).is_file():
+        read_adapter_manifest(choice.source, choice.kind)
     else:
-        check_safetensors(adapters / "adapters.safetensors")
+        check_safetensors(choice.file)
     try:
         return json.loads((adapters / "adapter_config.json").read_text())
     except FileNotFoundError:

@@ -27,12 +27,13 @@ from pathlib import Path
 import click
 
 from .. import agreement, gguf_kinds, llamacpp
+from ..adapter_gguf import adapter_words
 from ..data.formats import prompt_and_answer
 from ..errors import MissingInputError, PipelineError
 from ..fsio import human_size, sha256_file, write_json, write_text
-from ..manifest import MANIFEST, is_current, read_manifest, write_manifest
+from ..manifest import MANIFEST, is_current, read_adapter_manifest, read_manifest, write_manifest
 from ..metrics import score_answers
-from ..paths import RunPaths
+from ..paths import AdapterChoice, RunPaths
 from ..survival import MAX_KL_RATIO
 
 # Chat templates are untrusted input: compiled and rendered in pipeline/untrusted's sandbox, under
@@ -111,6 +112,13 @@ def verify_gguf(cfg) -> VerifyResult:
     if not exports:
         raise MissingInputError(f"No .gguf files in {paths.gguf}. Run `make gguf` (or `mlx-pipeline gguf`) first.")
 
+    choice = paths.adapter_choice
+    trained = any(e.reference == gguf_kinds.TRAINED for e in exports)
+    if trained:
+        read_adapter_manifest(choice.source, choice.kind)
+    _check_adapter(choice, fused_manifest, gguf_manifest, trained)
+    click.echo(choice.describe())
+
     rows, failures, mlx_rows, counts = [], [], [], (0, 0)
     for which in (gguf_kinds.FUSED, gguf_kinds.TRAINED):
         measured = [e for e in exports if e.reference == which]
@@ -132,7 +140,7 @@ def verify_gguf(cfg) -> VerifyResult:
         del ref  # one MLX model in memory at a time
     rows += mlx_rows
     primary = next((r["metric"].get("primary") for r in mlx_rows if r.get("metric")), None)
-    notes = _fusion_note(paths, next((r for r in mlx_rows if r["key"] == "MLX"), {}))
+    notes = _fusion_note(paths, next((r for r in mlx_rows if r["key"] == "MLX"), {}), fused_manifest)
     notes += imatrix_notes(rows, primary=primary)
     notes += native_notes(gguf_manifest)
 
@@ -153,7 +161,8 @@ def verify_gguf(cfg) -> VerifyResult:
     write_manifest(out, "10_verify_gguf", cfg, started,
                    inputs={"gguf": {p.name: sha256_file(p) for p in files}, "fused": str(paths.fused),
                            "test_sha256": sha256_file(paths.data / "test.jsonl")},
-                   outputs={"report": str(out / "report.json"), "table": str(out / "report.md")})
+                   outputs={"report": str(out / "report.json"), "table": str(out / "report.md")},
+                   adapter=fused_manifest.get("adapter") or choice.record())
     done(f"verify passed: {len(exports)} GGUF export(s) match the MLX model they were made from; "
          f"report in {out / 'report.md'}")
     return VerifyResult(out, rows, failures)
@@ -189,8 +198,9 @@ def _reference(paths: RunPaths, cfg, which: str) -> Reference:
 
     rows = agreement.read_rows(paths.data / "test.jsonl")
     if which == gguf_kinds.TRAINED:
-        source, label = paths.train_base, f"{paths.train_base.name}/ + {paths.adapters.name}/ (MLX)"
-        model, mlx_tokenizer = agreement.load_trained(paths.train_base, paths.adapters)
+        choice = paths.adapter_choice
+        source, label = paths.train_base, f"{paths.train_base.name}/ + {choice.label} (MLX)"
+        model, mlx_tokenizer = agreement.load_trained(paths.train_base, choice.folder)
     else:
         source, label = paths.fused, f"{paths.fused.name}/ (MLX)"
         model, mlx_tokenizer, _ = load_model(paths.fused, "float32")
@@ -206,7 +216,7 @@ def _reference(paths: RunPaths, cfg, which: str) -> Reference:
 
 def _mlx_row(ref: Reference, paths: RunPaths, cfg) -> dict:
     if ref.name == gguf_kinds.TRAINED:
-        size = _dir_size(paths.train_base) + _dir_size(paths.adapters)
+        size = _dir_size(paths.train_base) + _dir_size(paths.adapter)
         row = {"file": ref.label, "key": "MLX+ADAPTER", "type": _mlx_type(paths.train_base) + " + LoRA",
                "path": "training base + adapter (reference of the base + LoRA pairs)"}
     else:
@@ -327,12 +337,40 @@ def _check_chain(fused: dict, hf: dict, gguf: dict) -> None:
         )
 
 
-def _fusion_note(paths: RunPaths, mlx_row: dict) -> list[str]:
+def _check_adapter(choice: AdapterChoice, fused: dict, gguf: dict, trained: bool) -> None:
+    """The GGUFs must come from the adapter the config chooses (ADAPTER / --adapter: best or last), or
+    verify would vouch for another fine-tune than the one asked for: fused/ (07 records its adapter)
+    and, when a base + LoRA pair is measured, the LoRA GGUF (09 records its source's sha256)."""
+    now = sha256_file(choice.file) if choice.file.is_file() else None
+    lora = (gguf.get("outputs") or {}).get("adapter_gguf") or {}
+    made = [("fused/ (so every GGUF made from it)", fused.get("adapter") or {})]
+    if trained:
+        made.append((Path(str(lora.get("adapter_gguf", "the LoRA GGUF"))).name,
+                     lora.get("adapter") or {"sha256": lora.get("adapter_source_sha256"), "adapter": "last"}))
+    for what, record in made:
+        if record.get("sha256") and record["sha256"] != now:
+            kind = record.get("adapter", "best")
+            raise PipelineError(
+                f"{what} was made from the {adapter_words(record)} adapter, but the config chooses "
+                f"{choice.describe().removeprefix('adapter: ')}. Export the chosen one (`make gguf "
+                f"ADAPTER={choice.kind}` re-fuses and re-exports), or verify what was made: --adapter {kind} "
+                f"(ADAPTER={kind}).")
+
+
+def _fusion_note(paths: RunPaths, mlx_row: dict, fused_manifest: dict | None = None) -> list[str]:
     """Compare the fused model's task metric with base + adapter from 05 eval: verify measures the
-    GGUFs against the fused model, so a fine-tune lost at fusion would otherwise pass unnoticed."""
+    GGUFs against the fused model, so a fine-tune lost at fusion would otherwise pass unnoticed.
+    Not when 05 and 07 used different adapters (best / last): those numbers do not compare."""
     results = paths.eval / "results.json"
     metric = mlx_row.get("metric")
     if not results.is_file() or not metric:
+        return []
+    fused_sha = ((fused_manifest or {}).get("adapter") or {}).get("sha256")
+    try:
+        eval_sha = (json.loads((paths.eval / MANIFEST).read_text()).get("inputs") or {}).get("adapter_sha256")
+    except (OSError, ValueError, AttributeError):
+        eval_sha = None
+    if fused_sha and eval_sha and fused_sha != eval_sha:
         return []
     adapter = json.loads(results.read_text()).get("adapter", {}).get("metric", {})
     primary = metric.get("primary")
