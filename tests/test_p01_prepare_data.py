@@ -31,10 +31,12 @@ def _smollm2_tokenizer_dir(tmp_path_factory, smollm2_tokenizer_dir):
 def make_cfg(tmp_path, _smollm2_tokenizer_dir):
     """Config for run 't' under tmp_path, with the tokenizer as its base model."""
 
-    def make(source, base=True, seed=0, **data_keys):
+    def make(source, base=True, seed=0, mask=None, **data_keys):
         if base and not (tmp_path / "t" / "base").exists():
             shutil.copytree(_smollm2_tokenizer_dir, tmp_path / "t" / "base")
         keys = {"models_dir": str(tmp_path), "run": "t", "seed": seed, "data.source": str(source)}
+        if mask:
+            keys["train.mask"] = mask
         keys.update({f"data.{k}": v for k, v in data_keys.items()})
         return load_config(None, keys, env={})
 
@@ -231,6 +233,44 @@ def test_overlong_text_rows_are_truncated_by_tokens(make_cfg, tmp_path):
     assert res.counts["train"] == 5 and res.stats["train"]["max"] <= 32
     texts = [r["text"] for r in read_jsonl(res.out_dir / "train.jsonl")[0]]
     assert any(LONG.startswith(t) and len(t) < len(LONG) for t in texts)
+
+
+def multi_turn(i):
+    return {"messages": [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": f"{i + 1}."},
+        {"role": "user", "content": f"And {i} + 2?"}, {"role": "assistant", "content": f"That one is {i + 2}."},
+    ]}
+
+
+@pytest.mark.parametrize("mask", ["assistant", "last", "none"])
+def test_trained_and_masked_tokens_per_split(make_cfg, tmp_path, capsys, mask):
+    """The manifest's trained/masked counts are encode_rows' on the written splits, under train.mask."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data.trained_tokens import encode_rows
+
+    src = write_rows(tmp_path / "in" / "chat.jsonl", [multi_turn(i) for i in range(12)])
+    res = prepare_data(make_cfg(src, mask=mask))
+    m = manifest(res.out_dir)
+    assert m["train_mask"] == mask and m["config"]["train"]["mask"] == mask
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "t" / "base"))
+    out = capsys.readouterr().out
+    assert "trained" in out and "masked" in out and f"train.mask: {mask}" in out
+    for split in ("train", "valid", "test"):
+        enc = encode_rows(read_jsonl(res.out_dir / f"{split}.jsonl")[0], tok, mask)
+        st = m["stats"][split]
+        assert st["trained"] == sum(sum(e.mask) for e in enc) and st["tokens"] == sum(len(e.ids) for e in enc)
+        assert st["trained"] + st["masked"] == st["tokens"]
+        if mask == "none":
+            assert st["masked"] == 0
+        else:
+            assert 0 < st["trained"] < st["tokens"]
+        line = next(x for x in out.splitlines() if x.startswith(split))
+        assert line.split()[-2:] == [str(st["trained"]), str(st["masked"])]
+    if mask == "assistant":  # two answers a row: more trained than mlx-lm's last-message mask
+        last = encode_rows(read_jsonl(res.out_dir / "train.jsonl")[0], tok, "last")
+        assert m["stats"]["train"]["trained"] > sum(sum(e.mask) for e in last)
 
 
 def test_too_little_data_fails(make_cfg, tmp_path):

@@ -3,7 +3,9 @@
 Input (`data.source`): 'sample' (the bundled task), one .jsonl file split by seed, or a folder with
 train.jsonl, valid.jsonl[, test.jsonl]. Every row is checked before anything is written, so bad
 data fails here with file:line reasons instead of mid-training. Output: <run>/data/{train,valid,
-test}.jsonl in the format mlx-lm reads, and manifest.json (written last: it marks completion).
+test}.jsonl in the format mlx-lm reads, and manifest.json (written last: it marks completion). The
+statistics count each row's tokens and, under train.mask, how many of them are trained and masked
+(pipeline/data/trained_tokens.py, the encoding training uses).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import click
 
-from ..data.formats import read_rows, to_messages
+from ..data.formats import read_rows
 from ..data.sample_task import NAME as SAMPLE_NAME
 from ..data.sample_task import generate_rows
+from ..data.trained_tokens import Encoded, RowEncoder
 from ..errors import DataError
 from ..fsio import atomic_path, check_not_inside, jsonl_text, sha256_file
 from ..manifest import read_manifest, write_manifest
@@ -148,19 +151,15 @@ def load_tokenizer(cfg):
     return AutoTokenizer.from_pretrained(str(base))
 
 
-def token_length(tokenizer, row: dict, fmt: str) -> int:
-    """Tokens mlx-lm will train on for this row: the chat template for chat/completions rows."""
-    if fmt == "text":
-        return len(tokenizer.encode(row["text"]))
-    ids = tokenizer.apply_chat_template(to_messages(row), tools=row.get("tools"), tokenize=True)
-    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return len(ids)
-
-
-def split_stats(lengths: list[int]) -> dict:
+def split_stats(encoded: list[Encoded]) -> dict:
+    """rows, tokens (the chat template's for chat/completions rows, text + eos for text rows), mean,
+    p95, max per row, and trained/masked: the tokens whose loss counts under train.mask and the others
+    (counted before mlx-lm's truncation to max_seq_length at training)."""
+    trained = sum(e.trained for e in encoded)
+    lengths = [len(e.ids) for e in encoded]
+    extra = {"trained": trained, "masked": sum(lengths) - trained}
     if not lengths:
-        return {"rows": 0, "tokens": 0, "mean": 0.0, "p95": 0, "max": 0}
+        return {"rows": 0, "tokens": 0, "mean": 0.0, "p95": 0, "max": 0, **extra}
     s = sorted(lengths)
     return {
         "rows": len(s),
@@ -168,13 +167,21 @@ def split_stats(lengths: list[int]) -> dict:
         "mean": round(sum(s) / len(s), 1),
         "p95": s[max(0, math.ceil(0.95 * len(s)) - 1)],  # nearest rank
         "max": s[-1],
+        **extra,
     }
 
 
-def _handle_overlong(splits, lengths, tokenizer, cfg, fmt) -> tuple[dict, dict, list[dict]]:
+def _encode(splits: dict[str, list[Item]], encoder: RowEncoder) -> dict[str, list[Encoded]]:
+    """Every row's tokens and trained mask (train.mask), once: lengths are len(ids)."""
+    return {s: [encoder.encode(r, where) for where, r in splits[s]] for s in SPLITS}
+
+
+def _handle_overlong(splits, encoded, encoder, cfg, fmt) -> tuple[dict, dict, list[dict]]:
     """Apply data.overlong in place; return (dropped, truncated) counts per split and the rows
     concerned ({"row": 'file:line', "split", "tokens"}), so that the user can find them."""
     limit, policy = cfg.data.max_seq_length, cfg.data.overlong
+    tokenizer = encoder.tokenizer
+    lengths = {s: [len(e.ids) for e in encoded[s]] for s in SPLITS}
     over = {s: [i for i, n in enumerate(lengths[s]) if n > limit] for s in SPLITS}
     named = [{"row": splits[s][i][0], "split": s, "tokens": lengths[s][i]} for s in SPLITS for i in over[s]]
     if policy == "error" and named:
@@ -186,17 +193,17 @@ def _handle_overlong(splits, lengths, tokenizer, cfg, fmt) -> tuple[dict, dict, 
         if policy == "drop":
             keep = [i for i in range(len(splits[s])) if lengths[s][i] <= limit]
             splits[s] = [splits[s][i] for i in keep]
-            lengths[s] = [lengths[s][i] for i in keep]
+            encoded[s] = [encoded[s][i] for i in keep]
             dropped[s] = len(over[s])
         elif policy == "truncate":
             truncated[s] = len(over[s])
             if fmt == "text":  # chat rows are truncated by mlx-lm at training time; text we cut here
                 for i in over[s]:
                     where, row = splits[s][i]
-                    ids = tokenizer.encode(row["text"])[:limit]
+                    ids = tokenizer.encode(row["text"])[:limit - 1]  # room for the eos training appends
                     row = {**row, "text": tokenizer.decode(ids)}
                     splits[s][i] = (where, row)
-                    lengths[s][i] = token_length(tokenizer, row, fmt)
+                    encoded[s][i] = encoder.encode(row, where)
     return dropped, truncated, named
 
 
@@ -209,9 +216,9 @@ def prepare_data(cfg) -> PrepareResult:
     splits, fmt, inputs, duplicates = load_input(cfg)
     in_train = _deduplicate(splits, duplicates)
 
-    tokenizer = load_tokenizer(cfg)
-    lengths = {s: [token_length(tokenizer, r, fmt) for _, r in splits[s]] for s in SPLITS}
-    dropped, truncated, overlong_rows = _handle_overlong(splits, lengths, tokenizer, cfg, fmt)
+    encoder = RowEncoder(load_tokenizer(cfg), cfg.train.mask)
+    encoded = _encode(splits, encoder)
+    dropped, truncated, overlong_rows = _handle_overlong(splits, encoded, encoder, cfg, fmt)
 
     if len(splits["train"]) < MIN_TRAIN or not splits["valid"]:
         raise DataError(
@@ -220,7 +227,7 @@ def prepare_data(cfg) -> PrepareResult:
             "nothing was written. Add rows, or raise data.valid_fraction / data.max_seq_length."
         )
 
-    stats = {s: split_stats(lengths[s]) for s in SPLITS}
+    stats = {s: split_stats(encoded[s]) for s in SPLITS}
     removed = {"duplicates": duplicates, "in_train": in_train, "overlong": {k: v for k, v in dropped.items() if v}}
     texts = {s: jsonl_text(r for _, r in splits[s]) for s in SPLITS if splits[s]}
     # The whole folder is written under a temporary name and swapped in complete, manifest included:
@@ -230,7 +237,7 @@ def prepare_data(cfg) -> PrepareResult:
         outputs = _write(tmp, out_dir, texts)
         write_manifest(
             tmp, "01_prepare_data", cfg, started, inputs=inputs, outputs=outputs, stats=stats, format=fmt,
-            removed=removed,
+            removed=removed, train_mask=cfg.train.mask,
             overlong={"policy": cfg.data.overlong, "max_seq_length": cfg.data.max_seq_length,
                       "truncated": {k: v for k, v in truncated.items() if v},
                       "rows": overlong_rows[:MAX_MANIFEST_ROWS],
@@ -273,11 +280,13 @@ def _name_overlong(rows: list[dict], cfg) -> None:
 
 
 def _summary(out_dir, fmt, stats, removed, truncated, cfg):
-    click.echo(f"\nformat: {fmt}; tokens per row counted with the base model's chat template")
-    click.echo(f"{'split':<7}{'rows':>7}{'tokens':>10}{'mean':>8}{'p95':>7}{'max':>7}")
+    click.echo(f"\nformat: {fmt}; tokens per row counted with the base model's chat template; trained: the "
+               f"tokens the loss counts (train.mask: {cfg.train.mask}), masked: the others")
+    click.echo(f"{'split':<7}{'rows':>7}{'tokens':>10}{'mean':>8}{'p95':>7}{'max':>7}{'trained':>10}{'masked':>10}")
     for s in SPLITS:
         st = stats[s]
-        click.echo(f"{s:<7}{st['rows']:>7}{st['tokens']:>10}{st['mean']:>8}{st['p95']:>7}{st['max']:>7}")
+        click.echo(f"{s:<7}{st['rows']:>7}{st['tokens']:>10}{st['mean']:>8}{st['p95']:>7}{st['max']:>7}"
+                   f"{st['trained']:>10}{st['masked']:>10}")
 
     def fmt_counts(d):
         return ", ".join(f"{k} {v}" for k, v in d.items()) if d else "none"
