@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     (RESULTS / "lora_presets.json").write_text(json.dumps(data, indent=2) + "\n")
     md = ("# LoRA target presets x rank: parameter counts\n\n`python -m bench.lora_presets` (measured, not a "
           "formula: see the module docstring). Layers adapted: each model's config file's `train.num_layers`.\n\n"
-          + compact(rows, ranks) + "\n## Every row\n\n" + markdown(rows))
+          + compact(rows, ranks) + "\nTotal = frozen base + trainable LoRA A/B. " + COUNT_PARAMETERS_NOTE
+          + "\n\n## Every row\n\n" + markdown(rows))
     (RESULTS / "lora_presets.md").write_text(md)
     print(md)
 
