@@ -6,8 +6,9 @@ A checkpoint is a folder `checkpoints/step-NNNNNNN/` in the run's work folder:
     adapter_config.json
     optimizer.safetensors   tree_flatten(optimizer.state): Adam's moments, its step counter (which
                             is the learning-rate schedule's position) and the current learning rate
-    state.json              step, MLX random key, the batch order's numpy RNG and position, the
-                            loss accumulator, the train log so far, and the run's fingerprint
+    state.json              step, MLX random keys (one per rank), the batch position, the loss
+                            accumulator, the train log so far, the best validation loss, and the
+                            run's fingerprint
     manifest.json           written last: a checkpoint is complete only when it has one
 
 It is written as `checkpoints/.step-NNNNNNN.tmp-<pid>.tmp/` and renamed when complete, so a crash
@@ -137,58 +138,6 @@ def set_mx_random_key(key: list[int]) -> None:
     mx.random.seed((hi << 32) | lo)
     if mx_random_key() != list(key):
         raise PipelineError(f"could not restore MLX's random key {key} (got {mx_random_key()}).")
-
-
-def numpy_state_to_json(state) -> list:
-    name, keys, pos, has_gauss, cached = state
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-class ResumableBatches:
-    """mlx-lm's shuffled, length-bucketed training batches with their own RNG and a position.
-
-    mlx-lm's iterate_batches draws each epoch's permutation from numpy's global RNG, which its
-    evaluate() also draws from: the order of an uninterrupted run would depend on when validation
-    ran. The generator here only ever sees its own RNG state (swapped in around each batch), so
-    batch k depends on (seed, k) alone, and resuming at position k replays k batches.
-    """
-
-    def __init__(self, dataset, batch_size: int, max_seq_length: int, seed: int):
-        import numpy as np
-        from mlx_lm.tuner.trainer import iterate_batches
-
-        self._np = np
-        self._batches = iterate_batches(dataset, batch_size, max_seq_length, loop=True, seed=seed)
-        self._rng = np.random.RandomState(seed).get_state()  # iterate_batches reseeds on first use
-        self.position = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        np = self._np
-        outer = np.random.get_state()
-        np.random.set_state(self._rng)
-        try:
-            batch = next(self._batches)
-            self._rng = np.random.get_state()
-        finally:
-            np.random.set_state(outer)
-        self.position += 1
-        return batch
-
-    def state(self) -> dict:
-        return {"position": self.position, "numpy_rng": numpy_state_to_json(self._rng)}
-
-    def restore(self, state: dict, check: bool = True) -> None:
-        """Replay to the saved position and check the RNG arrived at the saved state."""
-        while self.position < state["position"]:
-            next(self)
-        if check and numpy_state_to_json(self._rng) != state["numpy_rng"]:
-            raise PipelineError(
-                f"the training data order does not replay to the checkpoint's position {state['position']} "
-                "(the train split or batching changed). Start without --resume."
-            )
 
 
 # --- save / load -----------------------------------------------------------------------------

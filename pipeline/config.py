@@ -104,7 +104,7 @@ class TrainConfig:
         choices=["assistant", "last", "none"], env="TRAIN_MASK",
     )
     bucket_window: int = opt(
-        32, "Batches whose rows are sorted by length together before the batches are shuffled (1: no "
+        64, "Batches whose rows are sorted by length together before the batches are shuffled (1: no "
         "length bucketing). Larger: less padding, less random batches.", minimum=1)
     grad_accumulation_steps: int = opt(
         1, "Batches whose gradients are summed into one optimizer step (train.iters counts optimizer steps).",

@@ -4,7 +4,8 @@ Real MLX on CPU, a tiny random llama, the real CLI in a subprocess for the inter
 Tolerance: none. On CPU float32 the resumed run's per-step train losses, validation losses and
 learning rates equal the uninterrupted run's as logged, and its final adapter weights and Adam
 state equal them bit for bit (np.array_equal). The config uses LoRA dropout (MLX random key),
-a warmup + cosine schedule (optimizer step) and 2.5 epochs with validation in between (data order).
+a warmup + cosine schedule (optimizer step), 2 accumulated batches per step over 5 epochs of
+length-bucketed batches with validation in between (data order), and keeps the best adapter.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from pipeline.phases.p04_train_lora import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 PREP = {"data.sample_rows": 40, "quantize.group_size": 32, "train.batch_size": 4}
-# 8 batches per epoch: 20 steps run 2.5 epochs, with validations between the epochs' shuffles.
+# 4 steps per epoch (2 batches of 4 each): 20 steps run 5 epochs, with validations between the epochs' shuffles.
 TRAIN = {
     "train.iters": 20, "train.batch_size": 4, "train.num_layers": -1, "train.learning_rate": 1e-3,
     "train.steps_per_report": 1, "train.steps_per_eval": 5, "train.val_batches": 1, "train.save_every": 4,
     "train.keep_checkpoints": 0, "train.dropout": 0.1, "train.lr_schedule": "cosine", "train.warmup_steps": 2,
+    "train.grad_accumulation_steps": 2, "train.bucket_window": 2,
 }
 ENV_VARS = sorted({f.metadata["env"] for f in KEYS.values() if f.metadata["env"]} | {"USE_LORA"})
 
@@ -125,7 +127,9 @@ def assert_same_run(resumed: Path, reference: Path) -> dict:
     assert [r["step"] for r in got if "train_loss" in r] == list(range(1, 21))
     losses = np.array([[a.get("train_loss", 0.0), b.get("train_loss", 0.0)] for a, b in zip(ref, got)])
     assert got == ref, f"max |loss difference| {np.abs(losses[:, 0] - losses[:, 1]).max()}"
-    for name, folder in (("adapters.safetensors", ""), ("optimizer.safetensors", "checkpoints/step-0000020")):
+    assert (resumed / "best" / "best.json").read_text() == (reference / "best" / "best.json").read_text()
+    for name, folder in (("adapters.safetensors", ""), ("optimizer.safetensors", "checkpoints/step-0000020"),
+                         ("adapters.safetensors", "best")):
         a, b = mx.load(str(reference / folder / name)), mx.load(str(resumed / folder / name))
         assert a.keys() == b.keys()
         for k in a:

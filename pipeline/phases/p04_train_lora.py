@@ -5,24 +5,20 @@ dense layers holding their dequantized values (same function, BLAS speed, see
 modeling.dequantize_layers); the adapter then loads unchanged onto the quantized model.
 Work happens in models/<run>/.adapters.partial/ and is moved to adapters/ when complete.
 
-Every train.save_every steps (and at the end) a complete checkpoint is written to
-checkpoints/step-NNNNNNN/ (pipeline/checkpoints.py); `resume=True` continues from the newest one
-exactly: weights, optimizer state, step and learning-rate schedule, random state, data order.
-Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop (TrainingInterrupted).
+The loop itself (loss on the trained tokens of train.mask, bucketed batches, accumulation,
+ranks, best adapter, early stopping) is pipeline/trainer.py. Every train.save_every steps (and at
+the end) a complete checkpoint is written to checkpoints/step-NNNNNNN/ (pipeline/checkpoints.py);
+`resume=True` continues from the newest one exactly. The adapter with the lowest validation loss
+is kept in adapters/best/ (train.keep_best). With train.nproc > 1 or train.hosts the phase runs
+itself under mlx.launch (pipeline/distributed.py); rank 0 writes every file.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import signal
-import threading
-import time
-import types
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import click
@@ -31,11 +27,15 @@ from .. import arch
 from .. import checkpoints as ckpt
 from ..checkpoints import CHECKPOINTS
 from ..errors import DataError, PipelineError
-from ..fsio import atomic_path, replace_dir, sha256_file, write_json, write_jsonl
+from ..fsio import atomic_path, replace_dir, sha256_file, write_json
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..paths import RunPaths
 from ..runtime import backend_name, compute_dtype, is_cpu
+from ..trainer import Ranks, TrainingInterrupted, echo_counts, plot_losses, train_loop
 from .common import done, start_phase
+
+__all__ = ["TrainResult", "TrainingInterrupted", "train_lora"]
+BEST = "best"
 
 
 @dataclass
@@ -47,17 +47,8 @@ class TrainResult:
     parameters: dict
     tokens_per_second: float
     peak_memory_gb: float
-
-
-class TrainingInterrupted(PipelineError):
-    """Ctrl-C or SIGTERM stopped training after a step; a complete checkpoint was saved.
-
-    The CLI exits with `exit_code` (128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM).
-    """
-
-    def __init__(self, message: str, step: int, checkpoint: Path, exit_code: int):
-        super().__init__(message)
-        self.step, self.checkpoint, self.exit_code = step, checkpoint, exit_code
+    best: dict | None = None
+    stopped_early: dict | None = None
 
 
 def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainResult:
@@ -66,7 +57,12 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
 
     from ..modeling import count_parameters, load_model
 
-    started = start_phase(cfg, "04 train", ["quantize", "train"])
+    if (cfg.train.nproc > 1 or cfg.train.hosts) and "MLX_RANK" not in os.environ:
+        from ..distributed import launch_training
+
+        return TrainResult(**launch_training(cfg, resume, force_resume))
+    ranks = Ranks()
+    started = start_phase(cfg, "04 train", ["quantize", "train"]) if ranks.main else 0.0
     paths = RunPaths(cfg)
     t = cfg.train
     data_manifest = read_manifest(paths.data, "data")
@@ -81,13 +77,18 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
     fp = ckpt.fingerprint(cfg, base_manifest["outputs"]["content_hash"], paths.data, dtype_name)
     work = paths.root / ".adapters.partial"
     start, forced = None, []
-    if resume:
-        found = _resume_point(cfg, paths, work, fp, force_resume)
-        if isinstance(found, TrainResult):
-            return found
-        start, forced = found
-    elif work.exists():
-        shutil.rmtree(work)
+    for turn in (0, 1) if ranks.size > 1 else (0,):  # rank 0 prepares the folder, then the others read it
+        if (turn == 0) == ranks.main:
+            if resume:
+                found = _resume_point(cfg, paths, work, fp, force_resume, quiet=not ranks.main)
+                if not isinstance(found, TrainResult):
+                    start, forced = found
+            elif work.exists():
+                shutil.rmtree(work)
+        if ranks.size > 1:
+            ranks.barrier()
+    if resume and isinstance(found, TrainResult):
+        return found
 
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -109,13 +110,22 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
     if not is_cpu():
         _use_gpu_layers(model, dtype_name)
     params = count_parameters(model)
-    click.echo(
-        f"parameters: total {params['total']:,} | trainable {params['trainable']:,} "
-        f"({params['trainable_percent']:.3f}%) | frozen {params['frozen']:,}"
-    )
+    if ranks.main:
+        click.echo(
+            f"parameters: total {params['total']:,} | trainable {params['trainable']:,} "
+            f"({params['trainable_percent']:.3f}%) | frozen {params['frozen']:,}"
+        )
 
-    train_set, valid_set = _datasets(paths.data, tokenizer, t)
-    (work / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    train_enc, valid_enc = _datasets(paths.data, tokenizer, t)
+    counts = {"train": echo_counts("train", train_enc), "valid": echo_counts("valid", valid_enc)}
+    if ranks.size > 1 and ranks.main:
+        click.echo(f"data-parallel: {ranks.size} ranks, {t.batch_size // ranks.size} rows each per batch "
+                   f"(global batch {t.batch_size})")
+    if t.grad_accumulation_steps > 1 and ranks.main:
+        click.echo(f"gradient accumulation: {t.grad_accumulation_steps} batches of {t.batch_size} per step "
+                   f"({t.grad_accumulation_steps * t.batch_size} rows)")
+    if ranks.main:
+        (work / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     adapter_config = {
         "fine_tune_type": t.fine_tune_type,
         "num_layers": num_layers,
@@ -131,7 +141,8 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
         "compute_dtype": dtype_name,
         "seed": cfg.seed,
     }
-    write_json(work / "adapter_config.json", adapter_config)
+    if ranks.main:
+        write_json(work / "adapter_config.json", adapter_config)
     inputs = {
         "base": adapter_config["base_model"],
         "data": {k: v.get("sha256") for k, v in data_manifest["outputs"].items()},
@@ -156,10 +167,21 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
-    log = _loop(model, optimizer, train_set, valid_set, cfg, work, save, resume_state)
-    _save_adapter(model, work / "adapters.safetensors")
+    def save_best(step: int, val_loss: float) -> None:
+        with atomic_path(work / BEST) as tmp:
+            tmp.mkdir()
+            _save_adapter(model, tmp / "adapters.safetensors")
+            shutil.copy2(work / "adapter_config.json", tmp / "adapter_config.json")
+            write_json(tmp / "best.json", {"step": step, "val_loss": round(val_loss, 5)})
 
-    _plot(log, work / "loss.png")
+    out = train_loop(model, optimizer, train_enc, valid_enc, cfg, work, save, save_best, resume_state, ranks)
+    if not ranks.main:
+        return TrainResult(paths.adapters, float("nan"), None, None, params, 0.0, 0.0)
+    log = out.log
+    _save_adapter(model, work / "adapters.safetensors")
+    if not t.keep_best and (work / BEST).exists():
+        shutil.rmtree(work / BEST)  # a resumed run that turned keep_best off
+    plot_losses(log, work / "loss.png", out.best["step"] if out.best else None)
     train_losses = [r["train_loss"] for r in log if "train_loss" in r]
     val_losses = [r["val_loss"] for r in log if "val_loss" in r]
     speeds = [r["tokens_per_second"] for r in log if "tokens_per_second" in r]
@@ -171,8 +193,14 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
         parameters=params,
         tokens_per_second=round(sum(speeds) / max(len(speeds), 1), 1),
         peak_memory_gb=round(peak, 3),
+        best=out.best,
+        stopped_early=out.stopped_early,
     )
     extra = {"forced_resume_changes": forced} if forced else {}
+    best_output = {}
+    if out.best:
+        best_output = {"best": {"path": str(paths.adapters / BEST / "adapters.safetensors"),
+                                "sha256": sha256_file(work / BEST / "adapters.safetensors"), **out.best}}
     write_manifest(
         work, "04_train_lora", cfg, started,
         inputs=inputs,
@@ -180,16 +208,25 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainRe
                  "checkpoints": [c.path.name for c in ckpt.complete_checkpoints(work / CHECKPOINTS)],
                  # checked by read_manifest when 05/07 read the adapter (pipeline/manifest.py)
                  "adapter_file": {"path": str(paths.adapters / "adapters.safetensors"),
-                                  "sha256": sha256_file(work / "adapters.safetensors")}},
+                                  "sha256": sha256_file(work / "adapters.safetensors")},
+                 **best_output},
         backend=backend_name(),
+        ranks=ranks.size,
+        data=counts,
         result=result,
         resumed_from_step=start.step if start is not None else 0,
         **extra,
     )
     replace_dir(work, paths.adapters)
+    best = (f"; best: step {out.best['step']} (val loss {out.best['val_loss']}) in {paths.adapters / BEST}/, "
+            "used by 05-10 (ADAPTER=last: the last step)") if out.best else ""
+    if out.best and out.best["step"] == 0:
+        click.secho("warning: no step beat the base model's validation loss; adapters/best/ is the untrained "
+                    "adapter (the base). Check the learning rate and the data.", fg="yellow")
     done(
         f"adapter ready: {paths.adapters}/adapters.safetensors "
-        f"(val loss {result['first_val_loss']} -> {result['final_val_loss']}; loss curve {paths.adapters}/loss.png)"
+        f"(val loss {result['first_val_loss']} -> {result['final_val_loss']}{best}; "
+        f"loss curve {paths.adapters}/loss.png)"
     )
     return TrainResult(paths.adapters, **result)
 
@@ -211,7 +248,7 @@ def _optimizer(t):
     return optim.Adam(learning_rate=optim.join_schedules([warmup, after], [t.warmup_steps]))
 
 
-def _resume_point(cfg, paths: RunPaths, work: Path, fp: dict, force: bool):
+def _resume_point(cfg, paths: RunPaths, work: Path, fp: dict, force: bool, quiet: bool = False):
     """The newest complete checkpoint and the fingerprint changes accepted by --force-resume,
     or the finished run's result when there is nothing left to train.
 
@@ -219,6 +256,8 @@ def _resume_point(cfg, paths: RunPaths, work: Path, fp: dict, force: bool):
     (adapters/) continues to a larger train.iters.
     """
     t = cfg.train
+    echo = (lambda *a, **k: None) if quiet else click.echo  # noqa: E731
+    secho = (lambda *a, **k: None) if quiet else click.secho  # noqa: E731
     finished = not work.exists()
     source = paths.adapters if finished else work
     if finished and not (paths.adapters / MANIFEST).is_file():
@@ -226,14 +265,14 @@ def _resume_point(cfg, paths: RunPaths, work: Path, fp: dict, force: bool):
                             f"{work.name}/ and no finished adapters/). Start without --resume.")
     if not finished:
         for name in ckpt.remove_incomplete(work / CHECKPOINTS):
-            click.secho(f"--resume: ignoring incomplete checkpoint {name} (no manifest; deleted)", fg="yellow")
+            secho(f"--resume: ignoring incomplete checkpoint {name} (no manifest; deleted)", fg="yellow")
     ckpts = ckpt.complete_checkpoints(source / CHECKPOINTS)
     if not ckpts:
         raise PipelineError(f"--resume: no complete checkpoint in {source / CHECKPOINTS} (written every "
                             f"train.save_every = {t.save_every} steps and at the end). Start without --resume.")
     last = ckpts[-1]
     if finished and last.step >= t.iters:
-        click.echo(f"--resume: nothing to do, run '{cfg.run}' finished at step {last.step} "
+        echo(f"--resume: nothing to do, run '{cfg.run}' finished at step {last.step} "
                    f"(train.iters {t.iters}). Raise --iters to train further.")
         return TrainResult(paths.adapters, **json.loads((paths.adapters / MANIFEST).read_text())["result"])
     if last.step > t.iters:
@@ -249,12 +288,12 @@ def _resume_point(cfg, paths: RunPaths, work: Path, fp: dict, force: bool):
             "(the result is then not what an uninterrupted run would give)."
         )
     if changes:
-        click.secho(f"--force-resume: continuing although{listed}", fg="yellow")
+        secho(f"--force-resume: continuing although{listed}", fg="yellow")
     if finished:
-        click.echo(f"--resume: continuing the finished run from step {last.step} to train.iters {t.iters}")
+        echo(f"--resume: continuing the finished run from step {last.step} to train.iters {t.iters}")
         shutil.copytree(paths.adapters, work, ignore=shutil.ignore_patterns(MANIFEST))
         last = ckpt.Checkpoint(last.step, work / CHECKPOINTS / last.path.name)
-    click.echo(f"resuming from {last.path} (step {last.step}: weights, optimizer, learning-rate schedule, "
+    echo(f"resuming from {last.path} (step {last.step}: weights, optimizer, learning-rate schedule, "
                "random state, data order)")
     return last, changes
 
@@ -294,11 +333,11 @@ def _use_gpu_layers(model, dtype_name: str) -> None:
 
 
 def _datasets(data_dir: Path, tokenizer, t):
-    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+    """The train and valid splits tokenized, with the trained tokens of train.mask marked."""
+    from ..data.trained_tokens import encode_rows
 
     def load(split):
-        rows = [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines() if line.strip()]
-        return rows
+        return [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines() if line.strip()]
 
     train_rows, valid_rows = load("train"), load("valid")
     if len(train_rows) < t.batch_size:
@@ -307,9 +346,7 @@ def _datasets(data_dir: Path, tokenizer, t):
     if len(valid_rows) < t.batch_size:
         raise DataError(f"valid split has {len(valid_rows)} rows, fewer than train.batch_size {t.batch_size}. "
                         "Add data or lower --batch-size.")
-    options = types.SimpleNamespace(mask_prompt=t.mask_prompt and "text" not in train_rows[0])
-    return (CacheDataset(create_dataset(train_rows, tokenizer, options)),
-            CacheDataset(create_dataset(valid_rows, tokenizer, options)))
+    return encode_rows(train_rows, tokenizer, t.mask), encode_rows(valid_rows, tokenizer, t.mask)
 
 
 def _save_adapter(model, path: Path) -> None:
@@ -319,161 +356,3 @@ def _save_adapter(model, path: Path) -> None:
     weights = dict(tree_flatten(model.trainable_parameters()))
     with atomic_path(path, suffix=".safetensors") as tmp:
         mx.save_safetensors(str(tmp), weights)
-
-
-def _loop(model, optimizer, train_set, valid_set, cfg, work: Path, save, resume_state: dict | None) -> list[dict]:
-    """The training loop: mlx-lm's batching, loss and evaluation; our progress, log and checkpoints.
-
-    `resume_state` (a checkpoint's state.json) restores the step, the MLX random key, the data
-    order's position, the loss accumulator and the log rows, so the run continues as if it had
-    not stopped. Ctrl-C / SIGTERM finish the current step, save a checkpoint and raise
-    TrainingInterrupted.
-    """
-    import mlx.core as mx
-    import mlx.nn as nn
-    import numpy as np
-    from mlx_lm.tuner.trainer import default_loss, evaluate
-    from tqdm import tqdm
-
-    t, seed, max_len = cfg.train, cfg.seed, cfg.data.max_seq_length
-    state = [model.state, optimizer.state, mx.random.state]
-    loss_and_grad = nn.value_and_grad(model, default_loss)
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, lengths):
-        (loss, ntoks), grad = loss_and_grad(model, batch, lengths)
-        optimizer.update(model, grad)
-        return loss, ntoks
-
-    def validate(at_step: int) -> float:
-        # The validation batches are drawn from numpy's global RNG: seed it from the step, so a
-        # step's validation loss does not depend on what ran before (or on a resume).
-        outer = np.random.get_state()
-        np.random.seed([seed % 2**32, at_step])
-        model.eval()
-        try:
-            return evaluate(model, valid_set, t.batch_size, t.val_batches, max_seq_length=max_len)
-        finally:
-            model.train()
-            np.random.set_state(outer)
-
-    batches = ckpt.ResumableBatches(train_set, t.batch_size, max_len, seed)
-    start_step = 0
-    log: list[dict] = []
-    acc = {"losses": [], "tokens": 0, "seconds": 0.0, "trained_tokens": 0}  # since the last report
-    if resume_state is not None:
-        start_step, log, acc = resume_state["step"], list(resume_state["log"]), dict(resume_state["accumulator"])
-        batches.restore(resume_state["data_order"], check=resume_state["strict"])
-        ckpt.set_mx_random_key(resume_state["mx_random_key"])
-    log_path = work / "train_log.jsonl"
-    write_jsonl(log_path, log)  # as of the checkpoint: rows of steps lost in a crash are dropped
-    logf = open(log_path, "a")
-
-    def record(row):
-        log.append(row)
-        logf.write(json.dumps(row) + "\n")
-        logf.flush()
-
-    def snapshot() -> dict:
-        return {"iters": t.iters, "mx_random_key": ckpt.mx_random_key(), "data_order": batches.state(),
-                "accumulator": acc, "log": log}
-
-    model.train()
-    bar = tqdm(total=t.iters, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    try:
-        with _StopSignals() as stop:
-            for it in range(start_step + 1, t.iters + 1):
-                if it == 1 or it % t.steps_per_eval == 0 or it == t.iters:
-                    val = validate(it - 1)
-                    record({"step": it - 1, "val_loss": round(val, 5)})
-                    bar.write(f"step {it - 1:>5}  val loss {val:.3f}")
-                batch, lengths = next(batches)
-                tic = time.perf_counter()
-                loss, n = step(batch, lengths)
-                mx.eval(state, loss, n)
-                acc["seconds"] += time.perf_counter() - tic
-                acc["losses"].append(loss.item())
-                acc["tokens"] += n.item()
-                acc["trained_tokens"] += n.item()
-                peak = mx.get_peak_memory() / 1e9
-                tok_s = acc["tokens"] / max(acc["seconds"], 1e-9)
-                bar.set_postfix(loss=f"{acc['losses'][-1]:.3f}", tok_s=f"{tok_s:.0f}", peak=f"{peak:.2f}GB")
-                bar.update(1)
-                if it % t.steps_per_report == 0 or it == t.iters:
-                    row = {
-                        "step": it, "train_loss": round(sum(acc["losses"]) / len(acc["losses"]), 5),
-                        "learning_rate": float(optimizer.learning_rate.item()),
-                        "tokens_per_second": round(tok_s, 1),
-                        "trained_tokens": acc["trained_tokens"], "peak_memory_gb": round(peak, 3),
-                    }
-                    if not math.isfinite(row["train_loss"]):
-                        raise PipelineError(f"training diverged at step {it} (loss {row['train_loss']}). "
-                                            "Lower --learning-rate.")
-                    record(row)
-                    acc.update(losses=[], tokens=0, seconds=0.0)
-                stopping = stop.signum  # read once: a signal arriving later stops after the next step
-                if it % t.save_every == 0 or it == t.iters or stopping:
-                    saved = save(it, snapshot())
-                    _save_adapter(model, work / "adapters.safetensors")
-                if stopping and it < t.iters:
-                    raise TrainingInterrupted(
-                        f"interrupted at step {it}; checkpoint saved to {saved}; resume with "
-                        "`make train RESUME=1` / `mlx-pipeline train --resume`",
-                        it, saved, 128 + stopping,
-                    )
-    finally:
-        bar.close()
-        logf.close()
-    return log
-
-
-class _StopSignals:
-    """While training: the first Ctrl-C / SIGTERM asks the loop to save and stop after the current
-    step; the handlers then go back to the default action, so a second one ends the process at once."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        for s in self._previous:
-            signal.signal(s, signal.SIG_DFL)
-        # os.write: a signal handler must not re-enter a buffered stream the loop may be writing.
-        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                    "(press Ctrl-C again to abort at once)\n".encode())
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False
-
-
-def _plot(log: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    tr = [(r["step"], r["train_loss"]) for r in log if "train_loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
-    if tr:
-        ax.plot(*zip(*tr), label="train loss")
-    if va:
-        ax.plot(*zip(*va), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("LoRA training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)

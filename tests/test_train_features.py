@@ -1,0 +1,256 @@
+"""04 train beyond mlx-lm: length-bucketed batches, the best adapter kept, early stopping,
+gradient accumulation, and data-parallel ranks under mlx.launch (ring backend, 2 local ranks).
+
+Real MLX on CPU in float32, a tiny random llama, the real CLI and the real mlx.launch.
+Tolerance for 'the same run split differently' (accumulation, ranks): the step's loss is the
+same sum of per-token losses divided by the same count, only added in another order, so the
+first step agrees to float32 rounding (~1e-7 relative); later steps carry that rounding through
+Adam, whose update is normalised per weight, so we allow 1e-4 relative over 6 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.batching import BucketedBatches, epoch_plan, padded_width, validation_batches
+from pipeline.config import KEYS, load_config
+from pipeline.phases.p01_prepare_data import prepare_data
+from pipeline.phases.p02_fetch_base_model import fetch_base_model
+from pipeline.phases.p03_quantize_base_model import quantize_base_model
+from pipeline.phases.p04_train_lora import train_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_VARS = sorted({f.metadata["env"] for f in KEYS.values() if f.metadata["env"]} | {"USE_LORA"})
+BASE = {"run": "t", "model.source": "unused", "data.sample_rows": 48, "quantize.group_size": 32,
+        "train.batch_size": 4, "train.num_layers": -1, "train.learning_rate": 1e-3, "train.steps_per_report": 1,
+        "train.steps_per_eval": 2, "train.val_batches": 2, "train.save_every": 2, "train.keep_checkpoints": 0,
+        "train.iters": 6}
+
+
+def cfg_for(models_dir: Path, **keys):
+    values = {"models_dir": str(models_dir), **BASE, **{k.replace("__", "."): v for k, v in keys.items()}}
+    return load_config(None, values, env={})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_hf_model) -> Path:
+    root = tmp_path_factory.mktemp("features-prepared")
+    cfg = cfg_for(root, model__source=str(tiny_hf_model("llama")))
+    fetch_base_model(cfg)
+    prepare_data(cfg)
+    quantize_base_model(cfg)
+    return root
+
+
+def copy_prepared(prepared: Path, dst: Path) -> Path:
+    shutil.copytree(prepared / "t", dst / "t", ignore=shutil.ignore_patterns("adapters", ".adapters.partial"))
+    return dst
+
+
+def read_log(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "t" / "adapters" / "train_log.jsonl").read_text().splitlines()]
+
+
+def train_losses(root: Path) -> np.ndarray:
+    return np.array([r["train_loss"] for r in read_log(root) if "train_loss" in r])
+
+
+def val_losses(root: Path) -> np.ndarray:
+    return np.array([r["val_loss"] for r in read_log(root) if "val_loss" in r])
+
+
+# --- batching -------------------------------------------------------------------------------------
+
+
+def skewed_lengths(n=400, seed=1) -> list[int]:
+    rng = np.random.default_rng(seed)
+    short = rng.integers(20, 60, size=int(n * 0.9))
+    long = rng.integers(300, 500, size=n - len(short))
+    return [int(x) for x in rng.permutation(np.concatenate([short, long]))]
+
+
+def padding_percent(lengths, batches) -> float:
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * padded_width(max(lengths[i] for i in b)) for b in batches)
+    return 100 * (1 - real / padded)
+
+
+def test_bucketing_cuts_padding_and_keeps_epoch_coverage():
+    lengths = skewed_lengths()
+    bucketed = epoch_plan(lengths, 4, 64, seed=0, epoch=0)
+    plain = epoch_plan(lengths, 4, 1, seed=0, epoch=0)
+    assert padding_percent(lengths, bucketed) <= 10 < padding_percent(lengths, plain)
+    for plan in (bucketed, plain):
+        rows = [i for b in plan for i in b]
+        assert len(rows) == len(set(rows)) == len(lengths) // 4 * 4  # every row once, less the remainder
+    # Seeded, and each epoch its own order (rows meet other rows).
+    assert epoch_plan(lengths, 4, 64, 0, 0) == bucketed != epoch_plan(lengths, 4, 64, 0, 1)
+    assert epoch_plan(lengths, 4, 64, 1, 0) != bucketed
+
+
+def test_padded_width_wastes_under_an_eighth_with_few_shapes():
+    widths = {padded_width(n) for n in range(1, 4097)}
+    assert all(n <= padded_width(n) < n * 1.0625 + 1 for n in range(1, 4097))
+    assert len(widths) < 200  # 16 per power of two, vs 4096 lengths
+
+
+def test_batch_k_depends_on_seed_and_position_only():
+    lengths = skewed_lengths(50)
+    a = BucketedBatches(lengths, 4, 8, seed=3)
+    drawn = [a.next() for _ in range(30)]  # past the 12 batches of an epoch
+    b = BucketedBatches(lengths, 4, 8, seed=3)
+    b.restore({"position": 17})
+    assert [b.next() for _ in range(13)] == drawn[17:]
+
+
+def test_validation_batches_are_fixed_and_spread():
+    lengths = skewed_lengths(100)
+    two = validation_batches(lengths, 4, 2)
+    assert two == validation_batches(lengths, 4, 2) and len(two) == 2
+    assert max(lengths[i] for i in two[1]) > max(lengths[i] for i in two[0])
+    assert sorted(i for b in validation_batches(lengths, 4, -1) for i in b) == list(range(100))
+
+
+# --- best adapter, early stopping, accumulation -----------------------------------------------------------
+
+
+def test_best_adapter_is_the_lowest_validation_loss(prepared, tmp_path):
+    import mlx.core as mx
+
+    root = copy_prepared(prepared, tmp_path)
+    # A learning rate this high makes the validation loss go up again: best != last.
+    train_lora(cfg_for(root, train__learning_rate=0.05, train__iters=8))
+    log, adapters = read_log(root), root / "t" / "adapters"
+    vals = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
+    best = json.loads((adapters / "best" / "best.json").read_text())
+    assert best["step"] == min(vals, key=vals.get) and best["val_loss"] == vals[best["step"]]
+    manifest = json.loads((adapters / "manifest.json").read_text())
+    assert manifest["outputs"]["best"]["step"] == best["step"] == manifest["result"]["best"]["step"]
+    assert (adapters / "best" / "adapter_config.json").read_text() == (adapters / "adapter_config.json").read_text()
+    if best["step"] != 8:
+        a, b = mx.load(str(adapters / "best" / "adapters.safetensors")), mx.load(str(adapters / "adapters.safetensors"))
+        assert any(not np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+    assert [r.get("best", False) for r in log if "val_loss" in r].count(True) >= 1
+
+
+def test_early_stopping_stops_cleanly_after_patience(prepared, tmp_path):
+    root = copy_prepared(prepared, tmp_path)
+    r = train_lora(cfg_for(root, train__learning_rate=0.05, train__iters=40, train__steps_per_eval=1,
+                           train__early_stopping_patience=2))
+    assert r.stopped_early is not None, "the loss kept falling at lr 0.05: pick a higher one"
+    step, best = r.stopped_early["step"], r.stopped_early["best_step"]
+    vals = [(x["step"], x["val_loss"]) for x in read_log(root) if "val_loss" in x]
+    assert step < 40 and step == best + 2 and vals[-1][0] == step
+    assert all(v >= dict(vals)[best] for s, v in vals if s > best)
+    ckpts = sorted(p.name for p in (root / "t" / "adapters" / "checkpoints").iterdir())
+    assert ckpts[-1] == f"step-{step:07d}"
+    assert json.loads((root / "t" / "adapters" / "best" / "best.json").read_text())["step"] == best
+
+
+def test_gradient_accumulation_equals_the_larger_batch(prepared, tmp_path):
+    """2 accumulated batches of 2 rows = one batch of 4: the same rows per step, the same loss."""
+    ref = copy_prepared(prepared, tmp_path / "ref")
+    train_lora(cfg_for(ref, train__batch_size=4, train__val_batches=-1))
+    acc = copy_prepared(prepared, tmp_path / "acc")
+    train_lora(cfg_for(acc, train__batch_size=2, train__grad_accumulation_steps=2, train__val_batches=-1))
+    a, b = train_losses(acc), train_losses(ref)
+    assert len(a) == len(b) == 6
+    assert abs(a[0] - b[0]) <= 1e-6 * b[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    np.testing.assert_allclose(val_losses(acc), val_losses(ref), rtol=1e-4)  # the whole split, either way
+    trained = [r["trained_tokens"] for r in read_log(acc) if "train_loss" in r]
+    assert trained == [r["trained_tokens"] for r in read_log(ref) if "train_loss" in r]
+
+
+# --- data-parallel ranks ----------------------------------------------------------------------------------
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in ENV_VARS and not k.startswith("MLX_")}
+    e["PYTHONPATH"] = str(ROOT)
+    return e
+
+
+def cli(root: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--models-dir", str(root)]
+    for k, v in BASE.items():
+        if k.startswith("train.") or k == "run":
+            args += [f"--{k.split('.')[-1].replace('_', '-')}", str(v)]
+    return args + list(extra)
+
+
+def rank_pids(root: Path) -> dict[int, int]:
+    """rank -> pid of this run's training ranks (their environment holds MLX_RANK)."""
+    out = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+            environ = dict(x.split(b"=", 1) for x in (p / "environ").read_bytes().split(b"\0") if b"=" in x)
+        except OSError:
+            continue
+        if b"pipeline.cli" in cmd and b"MLX_RANK" in environ and str(root).encode() in b"".join(cmd):
+            out[int(environ[b"MLX_RANK"])] = int(p.name)
+    return out
+
+
+def test_two_ranks_give_the_one_process_run(prepared, tmp_path):
+    one = copy_prepared(prepared, tmp_path / "one")
+    train_lora(cfg_for(one))
+    two = copy_prepared(prepared, tmp_path / "two")
+    r = subprocess.run(cli(two, "--nproc", "2"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "data-parallel training: 2 local ranks, mlx.launch backend ring" in r.stdout
+    assert "data-parallel: 2 ranks, 2 rows each per batch (global batch 4)" in r.stdout
+    a, b = train_losses(one), train_losses(two)
+    assert len(a) == len(b) == 6
+    np.testing.assert_allclose(b, a, rtol=1e-4)
+    np.testing.assert_allclose(val_losses(two), val_losses(one), rtol=1e-4)
+    assert abs(b[0] - a[0]) <= 1e-6 * a[0]
+    manifest = json.loads((two / "t" / "adapters" / "manifest.json").read_text())
+    assert manifest["ranks"] == 2
+    # Written once, by rank 0: one line per step in the log, one checkpoint per save.
+    assert [x["step"] for x in read_log(two) if "train_loss" in x] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (two / "t" / "adapters" / "checkpoints").iterdir()) == [
+        "step-0000002", "step-0000004", "step-0000006"]
+
+
+def test_sigkill_of_a_rank_stops_the_run_resumably(prepared, tmp_path):
+    root = copy_prepared(prepared, tmp_path)
+    work = root / "t" / ".adapters.partial"
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cli(root, "--nproc", "2", "--iters", "400"), cwd=ROOT, env=env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not (work / "checkpoints" / "step-0000002" / "manifest.json").is_file():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "no checkpoint 2"
+        time.sleep(0.05)
+    pids = rank_pids(root)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) == 2
+    text = log.read_text()
+    assert "a rank failed or was killed" in text and "the newest checkpoint is step" in text, text
+    assert "--resume" in text and not (root / "t" / "adapters").exists()
+    assert not rank_pids(root), "a rank outlived the run"
+    newest = int(text.split("the newest checkpoint is step ")[1].split()[0])
+    r = subprocess.run(cli(root, "--nproc", "2", "--iters", str(newest + 2), "--resume"), cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from" in r.stdout
+    manifest = json.loads((root / "t" / "adapters" / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] == newest
+    assert [x["step"] for x in read_log(root) if "train_loss" in x] == list(range(1, newest + 3))
