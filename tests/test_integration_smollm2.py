@@ -51,6 +51,6 @@ def test_smollm2_qlora_loss_falls(tmp_path):
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.named_modules())
     cast_floats(quantized, mx.float32)
     load_adapters(quantized, str(run / "adapters"))
-    a = split_loss(dense, tok, rows, 2, 512, True)
-    b = split_loss(quantized, tok, rows, 2, 512, True)
+    a = split_loss(dense, tok, rows, 2, 512, "assistant")
+    b = split_loss(quantized, tok, rows, 2, 512, "assistant")
     assert a == pytest.approx(b, rel=1e-3), (a, b)

@@ -93,8 +93,8 @@ def test_cpu_dequantized_training_matches_the_quantized_model(trained):
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.named_modules())
     cast_floats(quantized, mx.float32)
     load_adapters(quantized, str(out / "adapters"))
-    loss_dense = split_loss(dense, tok, rows, 2, 512, True)
-    loss_quant = split_loss(quantized, tok, rows, 2, 512, True)
+    loss_dense = split_loss(dense, tok, rows, 2, 512, "assistant")
+    loss_quant = split_loss(quantized, tok, rows, 2, 512, "assistant")
     assert loss_dense == pytest.approx(loss_quant, rel=1e-4, abs=1e-5)
 
 
