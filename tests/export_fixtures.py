@@ -46,17 +46,21 @@ def copy_run(models_dir: Path, run: str) -> Path:
 
 def shrink_adapter(run: Path, factor: float = 1e-3) -> Path:
     """Scale run's trained adapter (lora_b) by `factor`, re-recording it in the adapter's manifest
-    as if training had produced it (phases refuse an adapter edited behind its manifest)."""
+    as if training had produced it (phases refuse an adapter edited behind its manifest). Both the
+    last step's (adapters/) and the best one (adapters/best/, which 05-10 use by default) when kept."""
     import mlx.core as mx
 
     from pipeline.fsio import sha256_file
 
-    path = run / "adapters" / "adapters.safetensors"
-    weights = {k: v * factor if k.endswith("lora_b") else v for k, v in mx.load(str(path)).items()}
-    mx.save_safetensors(str(path), weights)
     manifest_path = run / "adapters" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["outputs"]["adapter_file"]["sha256"] = sha256_file(path)
+    for key, path in (("adapter_file", run / "adapters" / "adapters.safetensors"),
+                      ("best", run / "adapters" / "best" / "adapters.safetensors")):
+        if key not in manifest["outputs"] or not path.is_file():
+            continue
+        weights = {k: v * factor if k.endswith("lora_b") else v for k, v in mx.load(str(path)).items()}
+        mx.save_safetensors(str(path), weights)
+        manifest["outputs"][key]["sha256"] = sha256_file(path)
     manifest.pop("file_stats", None)
     manifest_path.write_text(json.dumps(manifest))
     return run

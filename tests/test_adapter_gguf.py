@@ -12,6 +12,7 @@ import pytest
 
 from export_fixtures import copy_run, make_cfg
 from pipeline.errors import PipelineError
+from pipeline.paths import RunPaths
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,8 @@ def test_pairs_are_the_trained_model(verified_pairs):
                                             for f in native_pair["file"].split(" + "))
     md = (Path(cfg.models_dir) / "t" / "verify" / "report.md").read_text()
     assert "| t-Q4_1-native-base.gguf + t-adapter-LoRA-F16.gguf | LoRA GGUF on the training base's MLX blocks" in md
-    assert "| base-quantized/ + adapters/ (MLX) | training base + adapter" in md
+    label = RunPaths(cfg).adapter_choice.label  # adapters/best/ when training kept one (train.keep_best)
+    assert f"| base-quantized/ + {label} (MLX) | training base + adapter" in md
 
 
 def test_verify_names_the_pair_when_the_lora_is_swapped(verified_pairs, tmp_path):
