@@ -271,3 +271,21 @@ def test_unknown_mode_is_refused(chatml):
 
 def test_rows_are_json_rows():
     json.dumps(conversation("llama3"))  # the test data is what a JSONL file holds
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_trainers_batch_computes_loss_on_exactly_the_assistant_turns(tokenizers, family):
+    """What 04's loss sees: collate's targets (tokens shifted by one) where its mask is 1."""
+    import numpy as np
+
+    from pipeline.batching import collate
+
+    tok, row = tokenizers[family], conversation(family)
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    encoded = encode_rows([row, short], tok, "assistant")
+    batch = collate(encoded, [0, 1], max_length=4096)
+    targets, mask = np.array(batch.tokens)[:, 1:], np.array(batch.mask)
+    assert mask.shape == targets.shape and mask[1, len(encoded[1].ids) - 1:].sum() == 0  # padding untrained
+    got = trained_spans(tok, Encoded(list(targets[0]), [int(m) for m in mask[0]]))
+    assert got == expected_turns(family)
+    assert trained_spans(tok, Encoded(list(targets[1]), [int(m) for m in mask[1]])) == ["Hello." + END[family]]
