@@ -92,14 +92,10 @@ def test_choice_best_by_default_last_on_request(run):
 
 
 def test_eval_uses_best_by_default_and_last_with_the_flag(run, monkeypatch):
-    from pipeline.config import TrainConfig
     from pipeline.phases.p05_evaluate import evaluate
 
     for var in ("ADAPTER", "TEST_MODE", "RUN", "MODELS_DIR"):
         monkeypatch.delenv(var, raising=False)
-    # 05's loss call still reads train.mask_prompt (renamed train.mask; its split_loss is being rewritten
-    # for the mask modes): the old flag's value, until then. Harmless once 05 reads train.mask.
-    monkeypatch.setattr(TrainConfig, "mask_prompt", True, raising=False)
     best = evaluate(make_cfg(run.parent), skip_base=True)
     manifest = json.loads((run / "eval" / "manifest.json").read_text())
     assert manifest["inputs"]["adapter_sha256"] == sha256_file(run / "adapters" / "best" / "adapters.safetensors")

@@ -96,7 +96,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _score(model, tokenizer, rows, scored, cfg) -> dict:
-    loss = split_loss(model, tokenizer, rows, cfg.train.batch_size, cfg.data.max_seq_length, cfg.train.mask_prompt)
+    loss = split_loss(model, tokenizer, rows, cfg.train.batch_size, cfg.data.max_seq_length, cfg.train.mask)
     out = {"test_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
     if scored:
         answers = mlx_answers(model, tokenizer, [prompt_and_answer(r)[0] for r in scored], cfg.eval.max_tokens)
@@ -105,17 +105,15 @@ def _score(model, tokenizer, rows, scored, cfg) -> dict:
     return out
 
 
-def split_loss(model, tokenizer, rows, batch_size, max_len, mask_prompt) -> float:
-    """Mean per-token loss over the split (answer tokens only when the prompt is masked)."""
-    import types
+def split_loss(model, tokenizer, rows, batch_size, max_len, mask: str) -> float:
+    """Mean loss per trained token over the whole split: train.mask's tokens, as 04 validates."""
+    from ..batching import validation_batches
+    from ..data.trained_tokens import encode_rows
+    from ..trainer import evaluate as evaluate_loss
 
-    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
-    from mlx_lm.tuner.trainer import evaluate as mlx_evaluate
-
-    options = types.SimpleNamespace(mask_prompt=mask_prompt and "text" not in rows[0])
-    data = CacheDataset(create_dataset(rows, tokenizer, options))
-    bs = min(batch_size, len(rows))
-    return mlx_evaluate(model, data, bs, num_batches=-1, max_seq_length=max_len)
+    encoded = encode_rows(rows, tokenizer, mask)
+    batches = validation_batches([len(e.ids) for e in encoded], min(batch_size, len(rows)), -1)
+    return evaluate_loss(model, encoded, batches, max_len)
 
 
 def _one_line(text: str, width: int = 160) -> str:
