@@ -9,8 +9,8 @@ is built by mlx-lm from its config.json shape, frozen and wrapped exactly as 04 
 last `train.num_layers` layers of the model's config file), then counted from the module tree:
 total (every parameter array: base + LoRA A/B), trainable (model.trainable_parameters(), what 04
 optimizes and saves), frozen = total - trainable, which is checked to equal the base model's count.
-Nothing is a formula. pipeline.modeling.count_parameters (what 04 prints) is recorded beside it:
-COUNT_PARAMETERS_NOTE says why its total and frozen differ.
+Nothing is a formula. pipeline.modeling.count_parameters (what 04 prints) is recorded beside it and
+agrees (tests/test_lora_presets.py).
 
 No weights are needed: MLX creates parameters lazily and nothing here evaluates them, so building
 a 3 B model allocates no 3 B parameters (the whole run takes seconds and < 1 GB).
@@ -61,10 +61,8 @@ GRANITE_4_0_H_MICRO = {
     "normalization_function": "rmsnorm", "tie_word_embeddings": True,
 }
 COUNT_PARAMETERS_NOTE = (
-    "pipeline.modeling.count_parameters (04's printed statistics) takes its total from mlx-lm's "
-    "get_total_parameters, which sums leaf modules only; a LoRALinear holds its base `linear` as a child, so "
-    "its lora_a/lora_b are never counted: total = the base alone and frozen = base - LoRA (both low by the "
-    "trainable count). The trainable count is right.")
+    "04 prints the same figures (pipeline.modeling.count_parameters counts every module's own arrays; "
+    "mlx-lm's get_total_parameters, which it used before, counted leaf modules only and left out LoRA A/B).")
 # name -> (config, train.num_layers of the config file users start from, that file)
 MODELS = {
     "SmolLM2-135M": (SMOLLM2_135M, 8, "configs/default.yaml"),
@@ -104,7 +102,7 @@ def count(config: dict, targets: list[str], rank: int, num_layers: int = -1, alp
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     return {"total": total, "trainable": trainable, "frozen": total - trainable,
             "trainable_percent": round(100.0 * trainable / total, 4), "layers": layers, "of_layers": n_layers,
-            # 04's printed statistics; its total leaves out LoRA A/B (see COUNT_PARAMETERS_NOTE)
+            # 04's printed statistics, which must agree
             "count_parameters": count_parameters(model)}
 
 

@@ -119,10 +119,18 @@ def load_model(model_dir: str | Path, dtype_choice: str = "auto", cpu_dequantize
 
 
 def count_parameters(model: nn.Module) -> dict:
-    """Total / trainable / frozen parameters, counting quantized weights at their true size."""
-    from mlx_lm.utils import get_total_parameters
+    """Total / trainable / frozen parameters, counting quantized weights at their true size.
 
-    total = get_total_parameters(model)
+    Every module's own arrays are counted (mlx-lm's get_total_parameters counts leaf modules
+    only, which leaves out LoRA's A/B and Mamba's A_log, D, dt_bias); a quantized weight counts
+    its unpacked size, its scales and biases (quantization parameters) not at all."""
+    total = 0
+    for _, m in model.named_modules():
+        own = {k: v for k, v in m.items() if isinstance(v, mx.array) and not k.startswith("_")}  # as parameters()
+        if hasattr(m, "bits") and "scales" in own:
+            total += own["weight"].size * 32 // m.bits + (own["bias"].size if "bias" in own else 0)
+        else:
+            total += sum(v.size for v in own.values())
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     return {
         "total": int(total),

@@ -52,6 +52,9 @@ def test_preset_counts_match_the_lora_shapes(tiny_hf_model, preset, rank, num_la
     assert got["total"] == got["trainable"] + got["frozen"]
     assert got["frozen"] == base  # LoRA freezes exactly the base model
     assert got["trainable"] == _expected_trainable(shapes, lora_presets.PRESETS[preset], rank, layers) > 0
+    printed = got["count_parameters"]  # what 04 prints
+    keys = ("total", "trainable", "frozen")
+    assert [printed[k] for k in keys] == [got[k] for k in keys]
     assert got["layers"] == len(layers)
 
 

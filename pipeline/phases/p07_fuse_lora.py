@@ -70,9 +70,9 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, get_total_parameters, load_model, save_config
+    from mlx_lm.utils import dequantize_model, load_model, save_config
 
-    from ..modeling import cast_floats
+    from ..modeling import cast_floats, count_parameters
 
     given = isinstance(paths, GivenPaths)  # the guides' form: --base-model --adapter-path --output-dir
     started = start_phase(cfg, "07 fuse", ["fuse"], given=paths.given if given else None)
@@ -124,7 +124,7 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
     else:
         dtype = base_dtype  # fused in float32 (see fuse_layers); stored as the base stores it
     cast_floats(model, dtype)
-    parameters = int(get_total_parameters(model))
+    parameters = count_parameters(model)["total"]
     # Per-layer survival, on the weights as stored (after re-quantization / the final cast): lazy
     # figures, computed with each layer when it is written.
     modules = dict(model.named_modules())
