@@ -3,6 +3,8 @@
 # make train               everything train needs, then train (CONFIG=configs/<x>.yaml to switch)
 # TEST_MODE=1 make train   a few-iteration smoke run (outputs in models/<run>-test/)
 # make train RESUME=1       continue an interrupted training run from its newest checkpoint
+# make train NPROC=2        data-parallel on 2 local ranks (HOSTS=hosts.json: several machines), via mlx.launch
+# make fuse ADAPTER=last    use the last step's adapter instead of the best one (adapters/best/)
 # make install             put the verified GGUF into LM Studio, write an Ollama Modelfile (TYPE=Q8_0)
 # make test                set up and run the test suite (what CI runs)
 # make bench               our phases vs mlx_lm / llama.cpp on the same inputs (BENCH="train fuse" for some)

@@ -113,6 +113,7 @@ EXAMPLES = {
     "quantize": ["make quantize", "mlx-pipeline quantize --run myrun --bits 4 --group-size 64",
                  S + "phase2-base-model/03_quantize_base_model.py --config configs/llama-3.2-3b.yaml"],
     "train": ["make train", "TEST_MODE=1 mlx-pipeline train --run myrun --iters 50 --rank 16",
+              "mlx-pipeline train --run myrun --nproc 2 --grad-accumulation-steps 4 --early-stopping-patience 3",
               S + "phase3-train/04_train_lora.py --config configs/default.yaml --resume"],
     "eval": ["make eval", "mlx-pipeline eval --run myrun --max-samples 20 --adapter last",
              S + "phase3-train/05_evaluate.py --run demo --skip-base"],
