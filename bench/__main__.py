@@ -15,8 +15,9 @@ import traceback
 # Cheapest first, with the arguments that keep `make bench` within ~20 minutes on 2 cores.
 # Also runnable alone: `python -m bench.<name> --help`. `gpu` needs an NVIDIA GPU (bench/GPU.md);
 # `demo` times the whole `make demo` (~20 minutes).
-BENCHES = {"train": [], "fuse": [], "export": [], "verify": ["--repeats", "1"], "gpu": [], "demo": []}
-DEFAULT = ("train", "fuse", "export", "verify")
+BENCHES = {"train": [], "train_skewed": [], "fuse": [], "export": [], "verify": ["--repeats", "1"], "gpu": [],
+           "demo": []}
+DEFAULT = ("train", "train_skewed", "fuse", "export", "verify")
 
 
 def main(names: list[str]) -> int:

@@ -45,8 +45,8 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / f"{machine_name()}.json"
+def main(results: str | None = None) -> None:
+    path = Path(results) if results else RESULTS / f"{machine_name()}.json"
     text = render(json.loads(path.read_text()))
     out = path.with_suffix(".md")
     out.write_text(text + "\n")
@@ -55,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -34,8 +34,8 @@ def _ours(run_dir, iters: int) -> Cmd:
     def figures(_log: str) -> dict:
         rows = [json.loads(x) for x in (run_dir / "adapters" / "train_log.jsonl").read_text().splitlines()]
         train = [r for r in rows if "train_loss" in r]
-        # trained_tokens is cumulative; tokens_per_second is over each report's window, as mlx-lm's.
-        rates = [r["tokens_per_second"] for r in train]
+        # trained tokens per second over each report's window, as mlx-lm's tok/s (its masked count).
+        rates = [r["trained_tokens_per_second"] for r in train]
         return {"trained_tokens_per_s": sum(rates) / len(rates), "final_train_loss": train[-1]["train_loss"]}
 
     s = SETTINGS
