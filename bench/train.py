@@ -46,21 +46,33 @@ def _ours(run_dir, iters: int) -> Cmd:
                figures=figures)
 
 
-def _mlx_lm(model_dir, data_dir, label: str, env: dict, iters: int) -> Cmd:
-    out = WORK / "train-anchor-adapters"
-    config = WORK / "mlx_lm_lora.yaml"
-    s = SETTINGS
+def lora_config(name: str, s: dict):
+    """mlx_lm lora's config file for our `attention,mlp` preset at the settings' rank and alpha."""
     keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    config = WORK / name
     config.write_text(json.dumps({"lora_parameters": {"keys": keys, "rank": s["rank"],
                                                       "scale": s["alpha"] / s["rank"], "dropout": 0.0}}))
+    return config
+
+
+def mlx_lm_report(log: str) -> tuple[list, list[float]]:
+    """mlx-lm 0.32's table rows "iter  train_loss  tok/s  tokens" (tok/s over the report window)
+    and its printed validation losses ("  40    val 2.386    53.30s")."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    rows = re.findall(r"^\s*(\d+)\s+([0-9.]+)\s+\S?\s+([0-9.]+)\s+([0-9.]+)(k?)\s*$", plain, re.M)
+    if not rows:
+        raise RuntimeError(f"no training report in mlx_lm's output:\n{plain[-1500:]}")
+    return rows, [float(v) for v in re.findall(r"^\s*\d+\s+val\s+([0-9.]+)", plain, re.M)]
+
+
+def _mlx_lm(model_dir, data_dir, label: str, env: dict, iters: int) -> Cmd:
+    out = WORK / "train-anchor-adapters"
+    s = SETTINGS
+    config = lora_config("mlx_lm_lora.yaml", s)
 
     def figures(log: str) -> dict:
-        # mlx-lm 0.32 prints a table: "iter  train_loss  tok/s  tokens" (tok/s over the report window).
-        plain = re.sub(r"\x1b\[[0-9;]*m", "", log)
-        rows = re.findall(r"^\s*(\d+)\s+([0-9.]+)\s+\S?\s+([0-9.]+)\s+([0-9.]+)(k?)\s*$", plain, re.M)
-        if not rows:
-            raise RuntimeError(f"no training report in mlx_lm's output:\n{plain[-1500:]}")
+        rows, _ = mlx_lm_report(log)
         rates = [float(r[2]) for r in rows]
         return {"trained_tokens_per_s": sum(rates) / len(rates), "final_train_loss": float(rows[-1][1])}
 

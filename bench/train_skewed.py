@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import subprocess
 import sys
 
 from .harness import WORK, Cmd, compare, venv_bin
 from .inputs import cli
-from .train import OPENBLAS
+from .train import OPENBLAS, lora_config, mlx_lm_report
 
 RUN = "skewed"
 SETTINGS = {"iters": 40, "batch_size": 4, "num_layers": 8, "rank": 8, "alpha": 16.0, "learning_rate": 2e-4}
@@ -121,18 +120,10 @@ def _ours(run_dir, f32) -> Cmd:
 def _mlx_lm(run_dir, f32) -> Cmd:
     s = SETTINGS
     out = WORK / "skewed-anchor-adapters"
-    config = WORK / "mlx_lm_lora_skewed.yaml"
-    keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    config.write_text(json.dumps({"lora_parameters": {"keys": keys, "rank": s["rank"],
-                                                      "scale": s["alpha"] / s["rank"], "dropout": 0.0}}))
+    config = lora_config("mlx_lm_lora_skewed.yaml", s)
 
     def figures(log: str) -> dict:
-        plain = re.sub(r"\x1b\[[0-9;]*m", "", log)
-        rows = re.findall(r"^\s*(\d+)\s+([0-9.]+)\s+\S?\s+([0-9.]+)\s+([0-9.]+)(k?)\s*$", plain, re.M)
-        vals = re.findall(r"^\s*\d+\s+val\s+([0-9.]+)", plain, re.M)  # "  40    val 2.386    53.30s"
-        if not rows or not vals:
-            raise RuntimeError(f"no training/validation report in mlx_lm's output:\n{plain[-1500:]}")
+        rows, vals = mlx_lm_report(log)
         return {"trained_tokens_per_s": sum(float(r[2]) for r in rows) / len(rows),
                 "val_loss": val_loss(f32, out, run_dir), "val_loss_as_mlx_lm_prints": float(vals[-1])}
 
