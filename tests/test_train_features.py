@@ -254,3 +254,27 @@ def test_sigkill_of_a_rank_stops_the_run_resumably(prepared, tmp_path):
     manifest = json.loads((root / "t" / "adapters" / "manifest.json").read_text())
     assert manifest["resumed_from_step"] == newest
     assert [x["step"] for x in read_log(root) if "train_loss" in x] == list(range(1, newest + 3))
+
+
+def test_masked_loss_is_the_mean_cross_entropy_of_the_trained_targets(tiny_hf_model):
+    """Checked against numpy: log-softmax of the logits at each position, the next token's value,
+    averaged over the targets whose mask is 1 (padding and prompt targets count for nothing)."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from pipeline.batching import collate
+    from pipeline.data.trained_tokens import Encoded
+    from pipeline.trainer import masked_loss
+
+    model, _ = load(str(tiny_hf_model("llama")))
+    rng = np.random.default_rng(0)
+    encoded = [Encoded(list(rng.integers(5, 400, n)), [0] * 3 + [1] * (n - 3)) for n in (9, 14)]
+    batch = collate(encoded, [0, 1], 512)
+    loss_sum, n = masked_loss(model, batch.tokens, batch.mask)
+    logits = np.array(model(batch.tokens[:, :-1]).astype(mx.float32), dtype=np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    targets, mask = np.array(batch.tokens)[:, 1:], np.array(batch.mask)
+    picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    assert n.item() == mask.sum() == (9 - 3) + (14 - 3)
+    assert abs(loss_sum.item() / n.item() - (-(picked * mask).sum() / mask.sum())) < 1e-4
