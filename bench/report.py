@@ -27,6 +27,9 @@ def render(data: dict) -> str:
              "Ratios are ours / anchor (below 1.0: ours faster or smaller); medians of interleaved runs.", ""]
     for name, row in data["benchmarks"].items():
         lines += [f"### {name}", "", row.get("what", ""), ""]
+        if "ours" not in row:  # a measurement of another shape (e.g. one step's timings): as recorded
+            lines += ["```", json.dumps({k: v for k, v in row.items() if k != "what"}, indent=1), "```", ""]
+            continue
         keys = [k for k in COLUMNS if k in row["ours"] or k in row.get("anchor", {})]
         keys += [k for k in row["ours"] if k not in keys and k not in ("label", "runs_wall_s")
                  and isinstance(row["ours"][k], (int, float))]
