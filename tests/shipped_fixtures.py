@@ -22,8 +22,9 @@ from pipeline.config import load_config
 SHIPPED = {
     "run": "ship",
     "data.sample_rows": 200,  # 160 train / 20 valid / 20 test: every test row is answered by verify
-    # The demo's training settings (configs/default.yaml), fewer steps: enough for >= 90 % JSON match.
-    "train.num_layers": 8, "train.learning_rate": 2e-4, "train.batch_size": 4, "train.iters": 30,
+    # The demo's training settings (configs/default.yaml), fewer steps (45: just over one epoch of the 160
+    # rows): 90 % JSON match measured; 30 steps gave 70-75 %, below the tests' 80 %.
+    "train.num_layers": 8, "train.learning_rate": 2e-4, "train.batch_size": 4, "train.iters": 45,
     "train.steps_per_report": 10, "train.steps_per_eval": 1000, "train.val_batches": 1, "train.save_every": 1000,
     "fuse.dequantize": True,
     "gguf.quantizations": ["Q8_0"], "gguf.adapter_gguf": True, "gguf.imatrix": False, "gguf.native": False,
