@@ -67,11 +67,15 @@ def launch_training(cfg, resume: bool, force_resume: bool) -> dict:
     newest checkpoint to resume from."""
     from .trainer import TrainingInterrupted
 
+    t = cfg.train
+    if not t.hosts and t.batch_size % t.nproc:
+        raise PipelineError(f"train.batch_size {t.batch_size} does not split over train.nproc {t.nproc} ranks: "
+                            f"use a multiple of {t.nproc} (each rank takes batch_size / nproc rows).")
     paths = RunPaths(cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
     config_file = paths.root / ".train-ranks.yaml"
+    cmd = launch_command(cfg, config_file, resume, force_resume)  # checks train.hosts first
+    paths.root.mkdir(parents=True, exist_ok=True)
     write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    cmd = launch_command(cfg, config_file, resume, force_resume)
     ranks = f"hosts of {cfg.train.hosts}" if cfg.train.hosts else f"{cfg.train.nproc} local ranks"
     click.echo(f"data-parallel training: {ranks}, mlx.launch backend {backend(cfg)}\n  {' '.join(cmd)}")
     started = time.time()

@@ -278,3 +278,13 @@ def test_masked_loss_is_the_mean_cross_entropy_of_the_trained_targets(tiny_hf_mo
     picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
     assert n.item() == mask.sum() == (9 - 3) + (14 - 3)
     assert abs(loss_sum.item() / n.item() - (-(picked * mask).sum() / mask.sum())) < 1e-4
+
+
+def test_data_parallel_settings_that_cannot_work_are_refused_before_launch(tmp_path):
+    from pipeline.errors import MissingInputError, PipelineError
+
+    with pytest.raises(PipelineError, match=r"train.batch_size 3 does not split over train.nproc 2"):
+        train_lora(cfg_for(tmp_path, train__nproc=2, train__batch_size=3))
+    with pytest.raises(MissingInputError, match=r"train.hosts .*nohosts.json: no such file"):
+        train_lora(cfg_for(tmp_path, train__hosts=str(tmp_path / "nohosts.json")))
+    assert not (tmp_path / "t").exists()  # nothing written
