@@ -29,13 +29,12 @@ from ..checkpoints import CHECKPOINTS
 from ..errors import DataError, PipelineError
 from ..fsio import atomic_path, replace_dir, sha256_file, write_json
 from ..manifest import MANIFEST, read_manifest, write_manifest
-from ..paths import RunPaths
+from ..paths import BEST, RunPaths
 from ..runtime import backend_name, compute_dtype, is_cpu
 from ..trainer import Ranks, TrainingInterrupted, echo_counts, plot_losses, train_loop
 from .common import done, start_phase
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train_lora"]
-BEST = "best"
 
 
 @dataclass
