@@ -194,7 +194,8 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
                 save_best(step, val)
         else:
             best["evals_since"] += 1
-        bar.write(f"step {step:>5}  val loss {val:.3f}" + ("  (best)" if improved and step else ""))
+        if ranks.main:  # tqdm.write prints even from a disabled bar
+            bar.write(f"step {step:>5}  val loss {val:.3f}" + ("  (best)" if improved and step else ""))
         return bool(t.early_stopping_patience) and best["evals_since"] >= t.early_stopping_patience
 
     model.train()
@@ -262,8 +263,10 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
                     acc.update(losses=[], tokens=0, positions=0, trained_tokens_window=0, seconds=0.0)
                 if (it % t.steps_per_eval == 0 or it == t.iters) and validation(it, bar) and it < t.iters:
                     stopped_early = {"step": it, "best_step": best["step"], "patience": t.early_stopping_patience}
-                    bar.write(f"early stopping at step {it}: no lower validation loss in {t.early_stopping_patience} "
-                              f"validations (best {best['val_loss']:.3f} at step {best['step']})")
+                    if ranks.main:
+                        bar.write(f"early stopping at step {it}: no lower validation loss in "
+                                  f"{t.early_stopping_patience} validations (best {best['val_loss']:.3f} at step "
+                                  f"{best['step']})")
                 state = snapshot() if (it % t.save_every == 0 or it == t.iters or stopping or stopped_early) else None
                 if state is not None and ranks.main:
                     saved = save(it, state)
