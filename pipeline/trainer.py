@@ -29,6 +29,7 @@ from . import checkpoints as ckpt
 from .batching import BucketedBatches, collate, rank_share, validation_batches
 from .errors import PipelineError
 from .fsio import write_jsonl
+from .progress import Eta
 
 
 class TrainingInterrupted(PipelineError):
@@ -199,12 +200,22 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
         return bool(t.early_stopping_patience) and best["evals_since"] >= t.early_stopping_patience
 
     model.train()
-    bar = tqdm(total=t.iters, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not ranks.main)
+    # Our own ETA in place of tqdm's: its estimate counts the compile of the first step and validation.
+    bar = tqdm(total=t.iters, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not ranks.main,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
+    eta = Eta(t.iters, done=start)
+
+    def validations_left(step: int) -> int:  # at every steps_per_eval-th step and the last
+        every = t.steps_per_eval
+        return max(t.iters // every - step // every + (1 if t.iters % every else 0), 0) if step < t.iters else 0
+
     stopped_early = None
     try:
         with _StopSignals() as stop:
             if start == 0:
+                tic = time.perf_counter()
                 validation(0, bar)  # the base's loss: the adapter must beat it to be kept as best
+                eta.pause(time.perf_counter() - tic)
             for it in range(start + 1, t.iters + 1):
                 tic = time.perf_counter()
                 grads, totals = None, mx.array([0.0, 0.0, 0.0, 0.0])
@@ -236,6 +247,7 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
                     loss_sum, n, real, positions = totals.tolist()
                     stopping = stop.signum
                 acc["seconds"] += time.perf_counter() - tic
+                eta.step(time.perf_counter() - tic)
                 acc["losses"].append(loss_sum / max(n, 1.0))
                 acc["tokens"] += int(real)
                 acc["positions"] += int(positions)
@@ -244,8 +256,8 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
                 peak = mx.get_peak_memory() / 1e9
                 tok_s = acc["tokens"] / max(acc["seconds"], 1e-9)
                 padding = 100.0 * (1 - acc["tokens"] / max(acc["positions"], 1))
-                bar.set_postfix(loss=f"{acc['losses'][-1]:.3f}", tok_s=f"{tok_s:.0f}", pad=f"{padding:.0f}%",
-                                peak=f"{peak:.2f}GB")
+                bar.set_postfix_str(f"{eta.text(validations_left(it))}, loss={acc['losses'][-1]:.3f}, "
+                                    f"tok/s={tok_s:.0f}, pad={padding:.0f}%, peak={peak:.2f}GB")
                 bar.update(1)
                 if it % t.steps_per_report == 0 or it == t.iters:
                     row = {
@@ -261,12 +273,16 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
                                             "Lower --learning-rate.")
                     record(row)
                     acc.update(losses=[], tokens=0, positions=0, trained_tokens_window=0, seconds=0.0)
-                if (it % t.steps_per_eval == 0 or it == t.iters) and validation(it, bar) and it < t.iters:
+                validating = it % t.steps_per_eval == 0 or it == t.iters
+                tic = time.perf_counter()
+                if validating and validation(it, bar) and it < t.iters:
                     stopped_early = {"step": it, "best_step": best["step"], "patience": t.early_stopping_patience}
                     if ranks.main:
                         bar.write(f"early stopping at step {it}: no lower validation loss in "
                                   f"{t.early_stopping_patience} validations (best {best['val_loss']:.3f} at step "
                                   f"{best['step']})")
+                if validating:
+                    eta.pause(time.perf_counter() - tic)
                 state = snapshot() if (it % t.save_every == 0 or it == t.iters or stopping or stopped_early) else None
                 if state is not None and ranks.main:
                     saved = save(it, state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,3 +289,27 @@ def test_data_parallel_settings_that_cannot_work_are_refused_before_launch(tmp_p
     with pytest.raises(MissingInputError, match=r"train.hosts .*nohosts.json: no such file"):
         train_lora(cfg_for(tmp_path, train__hosts=str(tmp_path / "nohosts.json")))
     assert not (tmp_path / "t").exists()  # nothing written
+
+
+def test_eta_leaves_out_warm_up_and_validation():
+    from pipeline.progress import Eta, clock
+
+    eta = Eta(total=100)
+    eta.step(30.0)  # step 1 compiles the graph
+    assert eta.remaining() is None and eta.text() == "eta after warm-up"
+    eta.step(1.0)
+    eta.step(1.2)
+    assert eta.remaining() == pytest.approx(97 * 1.1)  # tqdm's average would say 97 x 10.7 s
+    eta.pause(20.0)  # the first validation compiles its own graph
+    assert eta.remaining(pauses_left=3) == pytest.approx(97 * 1.1 + 3 * 20.0)
+    eta.pause(2.0)
+    assert eta.remaining(pauses_left=3) == pytest.approx(97 * 1.1 + 3 * 2.0)
+    assert (clock(7), clock(245), clock(3723)) == ("0:07", "4:05", "1:02:03")
+
+
+def test_training_bar_shows_our_eta(prepared, tmp_path, capfd):
+    root = copy_prepared(prepared, tmp_path)
+    train_lora(cfg_for(root, train__iters=4))
+    err = capfd.readouterr().err
+    assert "eta after warm-up" in err
+    assert re.search(r"eta \d+:\d\d, loss=", err), err[-500:]
