@@ -20,6 +20,7 @@ table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding
 vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f7f7f7;padding:.6em;overflow:auto;max-height:30em}img{max-width:100%;border:1px solid #eee}
 .note{color:#666}.bad{color:#b00}.good{color:#070}
+table.wrap td{overflow-wrap:anywhere}
 """
 
 
@@ -37,10 +38,11 @@ def _cell(value, tag: str) -> str:
     return f"<{tag}{' class=num' if num else ''}>{esc(text)}</{tag}>"
 
 
-def table(header: list, rows: list[list]) -> Raw:
+def table(header: list, rows: list[list], wrap: bool = False) -> Raw:
+    """`wrap`: cells may break anywhere (long unspaced text such as JSON answers), so the table fits the page."""
     head = "".join(_cell(h, "th") for h in header)
     body = "".join("<tr>" + "".join(_cell(v, "td") for v in row) + "</tr>" for row in rows)
-    return Raw(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return Raw(f"<table{' class=wrap' if wrap else ''}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def figure_png(png: bytes, alt: str) -> Raw:
