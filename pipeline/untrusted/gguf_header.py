@@ -81,10 +81,11 @@ def check_gguf(path: str | Path) -> dict:
         version, n_tensors, n_kv = _preamble(r)
         meta = _metadata(r, n_kv)
         alignment = _alignment(r, meta)
-        tensors, names, elements = [], set(), 0
+        tensors, names, elements, infos = [], set(), 0, []
         for i in range(n_tensors):
-            name, offset, nbytes, n = _tensor_info(r, i)
+            name, offset, nbytes, n, gtype = _tensor_info(r, i)
             tensors.append((name, offset, nbytes))
+            infos.append((name, gtype, n, nbytes))
             if name in names:
                 r.fail(f"tensor name {name!r} appears twice")
             names.add(name)
@@ -92,8 +93,10 @@ def check_gguf(path: str | Path) -> dict:
         data_start = -(-r.pos // alignment) * alignment
         total = _check_data(r, tensors, data_start, alignment)
     arch = meta.get("general.architecture", (None, None))[1]
+    general = {k: v for k, (_, v) in meta.items() if k.startswith("general.") and v is not None}
+    # tensors: (name, ggml type id, elements, bytes) in header order; general: the general.* values kept
     return {"version": version, "tensor_count": n_tensors, "kv_count": n_kv, "alignment": alignment,
-            "architecture": arch if isinstance(arch, str) else None,
+            "tensors": infos, "general": general, "architecture": arch if isinstance(arch, str) else None,
             "data_offset": data_start, "tensor_data_bytes": total, "tensor_elements": elements}
 
 
@@ -156,8 +159,8 @@ def _alignment(r: _Reader, meta: dict) -> int:
     return value
 
 
-def _tensor_info(r: _Reader, i: int) -> tuple[str, int, int, int]:
-    """(name, offset relative to the data section, size in bytes, elements) of tensor #i."""
+def _tensor_info(r: _Reader, i: int) -> tuple[str, int, int, int, int]:
+    """(name, offset relative to the data section, size in bytes, elements, ggml type) of tensor #i."""
     name = r.string(f"name of tensor #{i}", limit=MAX_NAME)
     n_dims = r.unpack("<I", f"n_dims of {name!r}")
     if not 1 <= n_dims <= MAX_DIMS:
@@ -177,7 +180,7 @@ def _tensor_info(r: _Reader, i: int) -> tuple[str, int, int, int]:
     if dims[0] % block:
         r.fail(f"tensor {name!r}: row length {dims[0]} is not a multiple of its type's block size {block}")
     offset = r.unpack("<Q", f"offset of {name!r}")
-    return name, offset, elements // block * block_bytes, elements
+    return name, offset, elements // block * block_bytes, elements, gtype
 
 
 def _check_data(r: _Reader, tensors: list, data_start: int, alignment: int) -> int:

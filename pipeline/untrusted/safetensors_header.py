@@ -34,6 +34,13 @@ def _fail(path, defect: str):
 
 def check_safetensors(path: str | Path) -> dict:
     """Raise UntrustedFileError unless the header is valid; return {tensor name: (begin, end)}."""
+    header, _ = read_header(path)
+    return {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """The validated header as the file holds it ({tensor name: {"dtype", "shape", "data_offsets"}},
+    "__metadata__" when present) and its size in bytes (8 + the JSON's length: what is not tensor data)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
@@ -48,7 +55,7 @@ def check_safetensors(path: str | Path) -> dict:
     tensors = {k: _tensor(path, k, v) for k, v in header.items() if k != "__metadata__"}
     _check_metadata(path, header.get("__metadata__"))
     _check_layout(path, tensors, size - 8 - n)
-    return tensors
+    return header, 8 + n
 
 
 def _parse(path, raw: bytes) -> dict:
