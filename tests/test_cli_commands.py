@@ -33,7 +33,8 @@ def _flags(command) -> set[str]:
 
 def test_every_script_is_in_the_table():
     assert sorted(SCRIPTS) == sorted(SCRIPT_COMMANDS)
-    assert set(SCRIPT_COMMANDS.values()) | {"serve"} == set(cli.COMMANDS) == set(cli.EXAMPLES) == set(cli.main.commands)
+    assert (set(SCRIPT_COMMANDS.values()) | {"serve", "sweep", "report"}
+            == set(cli.COMMANDS) == set(cli.EXAMPLES) == set(cli.main.commands))
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
