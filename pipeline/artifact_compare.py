@@ -30,9 +30,10 @@ def render_artifact(a: Artifact) -> str:
         rows.append((LABELS[k], _n(c.params), human_size(c.bytes), c.dtype_text(),
                      "" if k in ("metadata", "optimizer") else _bits(c.bits_per_weight), c.trainable))
     share = a.total_bytes / a.file_bytes * 100 if a.file_bytes else 100.0
-    rows.append(("total", _n(a.total_params), human_size(a.total_bytes),
-                 f"= {share:.2f} % of the {human_size(a.file_bytes)} on disk ({len(a.files)} files)", "", ""))
-    out = [f"{a.path}: {a.description}", _table(rows)]
+    rows.append(("total", _n(a.total_params), human_size(a.total_bytes), "", "", ""))
+    out = [f"{a.path}: {a.description}", _table(rows),
+           f"categories add up to {a.total_bytes:,} bytes = {share:.2f} % of the {a.file_bytes:,} bytes on disk "
+           f"({len(a.files)} files)"]
     w = a.weights()
     if w.params:
         out.append(f"weights: {w.params:,} parameters at {w.bits_per_weight:.2f} bits per weight "
@@ -119,7 +120,8 @@ def _optimizer(a, b, names):
         else ""
     return (f"optimizer state: {names[id(with_)]} is {human_size(opt.bytes)} larger because it keeps the "
             f"optimizer state to resume training: Adam keeps two values (its moments m and v) per trainable "
-            f"parameter, {per} in {opt.dtypes.most_common(1)[0][0]}, plus {scalars} scalars (step counter, learning rate); "
+            f"parameter, {per} in {opt.dtypes.most_common(1)[0][0]}, plus {scalars} scalars (step counter, "
+            f"learning rate); "
             f"{names[id(without)]} holds only the trained weights.{same}"), {"optimizer"}
 
 

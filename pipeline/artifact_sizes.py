@@ -174,6 +174,12 @@ def inspect_artifact(path: str | Path, progress: bool = True) -> Artifact:
         raise PipelineError(f"{path}: this {what} holds no .safetensors or .gguf file, so it is not a model, "
                             f"adapter, checkpoint or GGUF. {NOT_AN_ARTIFACT_FIX}")
     names = {f.name for f in files}
+    if path.is_dir() and not names & {"config.json", ADAPTER_CONFIG, OPTIMIZER_FILE} and not _gguf_split(tensor_files):
+        listed = ", ".join(f.name for f in tensor_files[:3]) + (", ..." if len(tensor_files) > 3 else "")
+        raise PipelineError(f"{path}: unknown folder: it has no config.json (a model), {ADAPTER_CONFIG} (an "
+                            f"adapter) or {OPTIMIZER_FILE} (a training checkpoint), and its tensor files ({listed}) "
+                            f"are not the parts of one split GGUF. Inspect one file, e.g. `mlx-pipeline inspect "
+                            f"{tensor_files[0]}`, or the folder that holds the whole model.")
     config = _json(path / "config.json") if path.is_dir() else {}
     adapter_config = _json(path / ADAPTER_CONFIG) if path.is_dir() else {}
     categories = {k: Category() for k in CATEGORIES}
@@ -212,6 +218,12 @@ def inspect_artifact(path: str | Path, progress: bool = True) -> Artifact:
     if art.tied_embeddings:
         art.notes.append("tied embeddings: no separate lm_head, the output layer reuses the embedding matrix")
     return art
+
+
+def _gguf_split(files: list[Path]) -> bool:
+    """True for the parts of one split GGUF (NAME-00001-of-00003.gguf, ...): one model in several files."""
+    parts = [re.fullmatch(r"(.+)-\d{5}-of-(\d{5})\.gguf", f.name) for f in files]
+    return all(parts) and len({(m.group(1), m.group(2)) for m in parts}) == 1
 
 
 def _json(p: Path) -> dict:

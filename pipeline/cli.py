@@ -387,7 +387,8 @@ INSPECT = ("Parameters and bytes by category (embeddings, attention, MLP, Mamba/
            "checkpoint, fused model or GGUF, read from headers only. With PATH2: the differences and why.")
 
 
-@main.command("inspect", help=help_text("inspect", INSPECT), short_help=INSPECT.split(", read")[0] + ".")
+@main.command("inspect", help=help_text("inspect", INSPECT),
+              short_help="Parameters and bytes by category of a model, adapter, checkpoint or GGUF; two compared.")
 @click.argument("path", type=click.Path())
 @click.argument("path2", required=False, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON (for scripts) instead of tables.")
