@@ -388,11 +388,17 @@ RENAMED = {"train.mask_prompt": "write train.mask: assistant (every assistant tu
                                 "mask_prompt) or none (was false)"}
 
 
+# Top-level blocks a command reads on its own from the same YAML (not config keys): `sweep:` (mlx-pipeline sweep).
+BLOCKS = {"sweep"}
+
+
 def _flatten_yaml(data: Mapping, path: Path) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}.")
     flat = {}
     for k, v in data.items():
+        if k in BLOCKS:
+            continue
         if k in SECTIONS:
             if v is None:
                 continue

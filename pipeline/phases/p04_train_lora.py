@@ -50,19 +50,23 @@ class TrainResult:
     stopped_early: dict | None = None
 
 
-def train_lora(cfg, resume: bool = False, force_resume: bool = False) -> TrainResult:
+def train_lora(cfg, resume: bool = False, force_resume: bool = False, paths: RunPaths | None = None) -> TrainResult:
+    """`paths`: where to read the base and data and write adapters/ (a sweep trial's folder); default the run's."""
     import mlx.core as mx
     import numpy as np
 
     from ..modeling import count_parameters, load_model
 
     if (cfg.train.nproc > 1 or cfg.train.hosts) and "MLX_RANK" not in os.environ:
+        if paths is not None:
+            raise PipelineError("data-parallel training (train.nproc > 1, train.hosts) writes the run's own "
+                                "adapters/ only; set train.nproc: 1 here.")
         from ..distributed import launch_training
 
         return TrainResult(**launch_training(cfg, resume, force_resume))
     ranks = Ranks()
     started = start_phase(cfg, "04 train", ["quantize", "train"]) if ranks.main else 0.0
-    paths = RunPaths(cfg)
+    paths = paths or RunPaths(cfg)
     t = cfg.train
     data_manifest = read_manifest(paths.data, "data")
     base_dir = paths.train_base

@@ -32,13 +32,15 @@ class EvalResult:
     delta_points: float | None
 
 
-def evaluate(cfg, skip_base: bool = False) -> EvalResult:
+def evaluate(cfg, skip_base: bool = False, paths: RunPaths | None = None, fused: Path | None = None) -> EvalResult:
+    """`paths`: a sweep trial's folders (default: the run's). `fused`: score this model folder, the
+    adapter already merged into it, in place of base + adapter (a sweep's --merge)."""
     from mlx_lm.tuner.utils import load_adapters
 
     from ..modeling import load_model
 
     started = start_phase(cfg, "05 evaluate", ["eval"])
-    paths = RunPaths(cfg)
+    paths = paths or RunPaths(cfg)
     read_manifest(paths.data, "data")
     choice = paths.adapter_choice
     read_adapter_manifest(choice.source, choice.kind)
@@ -48,15 +50,20 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
         raise DataError(f"{paths.data / 'test.jsonl'} is empty: set data.test_fraction > 0 or add test.jsonl, "
                         "then `make data`.")
 
-    model, tokenizer, _ = load_model(paths.train_base, cfg.train.compute_dtype)
     scored = [r for r in rows if "text" not in r][: cfg.eval.max_samples]
     results = {}
+    if not skip_base or fused is None:
+        model, tokenizer, _ = load_model(paths.train_base, cfg.train.compute_dtype)
     if not skip_base:
         click.echo("scoring the base model...")
         results["base"] = _score(model, tokenizer, rows, scored, cfg)
-    load_adapters(model, str(choice.folder))
-    model.eval()
-    click.echo("scoring base + adapter...")
+    if fused is None:
+        load_adapters(model, str(choice.folder))
+        model.eval()
+        click.echo("scoring base + adapter...")
+    else:
+        model, tokenizer, _ = load_model(fused, cfg.train.compute_dtype)
+        click.echo(f"scoring the fused model {fused}...")
     results["adapter"] = _score(model, tokenizer, rows, scored, cfg)
 
     primary = results["adapter"]["metric"].get("primary") if scored else None
@@ -76,7 +83,7 @@ def evaluate(cfg, skip_base: bool = False) -> EvalResult:
                    inputs={"adapter": str(choice.folder), "adapter_sha256": sha256_file(choice.file),
                            "test_sha256": sha256_file(paths.data / "test.jsonl")},
                    outputs={"results": str(out / "results.json"), "table": str(out / "results.md")},
-                   adapter=choice.record())
+                   adapter=choice.record(), **({"fused": str(fused)} if fused is not None else {}))
     click.echo(table)
     for s in samples:
         click.echo(f"\nprompt:   {s['prompt']}\nexpected: {s['reference']}")
