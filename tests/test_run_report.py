@@ -232,19 +232,27 @@ def test_report_of_the_shipped_run_in_headless_chromium(evaluated_run, tmp_path)
     not_blank(shot, "the screenshot")
 
 
-def test_report_of_a_run_with_some_phases_done(shipped_run, tmp_path):
-    """Data and training done, nothing after: those sections filled, the others name their make target."""
-    linked_copy(shipped_run.root, tmp_path, keep={"base", "base-quantized", "data", "adapters"})
-    page = write_report(run_cfg(tmp_path))
-    dom = Dom(page.read_text())
+@pytest.mark.parametrize("done, not_run", [
+    ({"base", "base-quantized", "data", "adapters"}, ["eval", "fuse", "gguf", "verify"]),
+    ({"base", "base-quantized", "data", "adapters", "fused", "hf", "gguf"}, ["eval", "verify"]),
+])
+def test_report_of_a_run_with_some_phases_done(shipped_run, tmp_path, done, not_run):
+    """The sections of the phases done are filled; the others name their make target."""
+    linked_copy(shipped_run.root, tmp_path, keep=done)
+    dom = Dom(write_report(run_cfg(tmp_path)).read_text())
     assert dom.headings == list(SECTIONS)
     text = " ".join(dom.text)
-    for target in ("eval", "fuse", "gguf", "verify"):
-        assert f"not run yet: `make {target}`" in text
+    for target in ["data", "train", "eval", "fuse", "gguf", "verify"]:
+        assert (f"not run yet: `make {target}`" in text) == (target in not_run), target
+    assert "could not read" not in text
     assert dom.table("split", "rows", "tokens")
     assert [img["alt"] for img in dom.images] == ["loss curves: train and validation loss per step"]
-    assert {r[1] for r in dom.table("phase", "output", "finished", "seconds")} == {
-        "base/", "base-quantized/", "data/", "adapters/", ""}
+    assert {r[1] for r in dom.table("phase", "output", "finished", "seconds")} == {f"{d}/" for d in done} | {""}
+    if "gguf" in done:  # exported, not verified: the files with their sizes, no KL yet
+        gguf = json.loads((shipped_run.root / "gguf" / "manifest.json").read_text())["outputs"]["files"]
+        rows = dom.table("file", "type", "size", "bits per weight")
+        assert sorted(r[0] for r in rows) == sorted(f["file"] for f in gguf.values())
+        assert "not verified yet" in text
 
 
 def test_report_of_an_empty_run_folder(tmp_path):
