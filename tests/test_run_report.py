@@ -256,11 +256,14 @@ def test_report_of_a_run_with_some_phases_done(shipped_run, tmp_path, done, not_
 
 
 def test_report_of_an_empty_run_folder(tmp_path):
-    (tmp_path / "fresh").mkdir()
+    """Nothing finished but a data manifest cut short: that section says so, every other still renders."""
+    (tmp_path / "fresh" / "data").mkdir(parents=True)
+    (tmp_path / "fresh" / "data" / "manifest.json").write_text('{"phase": "01_prepare_data", "stats": {')
     cfg = load_config(None, {"models_dir": str(tmp_path), "run": "fresh"}, env={})
     dom = Dom(write_report(cfg).read_text())
     text = " ".join(dom.text)
-    for target in ("data", "train", "eval", "fuse", "gguf", "verify", "demo"):
+    assert "could not read this phase's output: JSONDecodeError" in text
+    for target in ("train", "eval", "fuse", "gguf", "verify", "demo"):
         assert f"not run yet: `make {target}`" in text
     assert row_of(dom.table("key", "value"), "run")[1] == "'fresh'"  # the config as loaded now
     assert not dom.images
