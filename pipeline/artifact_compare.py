@@ -164,11 +164,18 @@ def _dequantized(a, b, names):
     ba, bb = wa.bits_per_weight, wb.bits_per_weight
     if max(ba, bb) / min(ba, bb) < 1.3:
         return "", set()
-    what = "de-quantization" if bb > ba else "quantization"
+    quantized = [_quantized(w) for w in (wa, wb)]
+    what = ("de-quantization" if bb > ba and quantized[0] else "quantization" if bb < ba and quantized[1]
+            else "precision")
     covers = {k for k in WEIGHT_CATEGORIES if _cat(a, k).params and _cat(a, k).params == _cat(b, k).params}
     return (f"{what}: bits per weight went from {ba:.2f} in A ({_precision(wa)}) to {bb:.2f} in B "
             f"({_precision(wb)}), so the same {wb.params:,} weight parameters take {human_size(wb.bytes)} "
             f"instead of {human_size(wa.bytes)} ({wb.bytes / wa.bytes:.2f}x)."), covers
+
+
+def _quantized(w: Category) -> bool:
+    """Stored mostly in a quantized type (MLX n-bit, GGUF Q*/IQ*), not a float type."""
+    return w.dtypes.most_common(1)[0][0] not in ("F64", "F32", "F16", "BF16")
 
 
 def _precision(w: Category) -> str:

@@ -162,8 +162,9 @@ def artifact_files(path: Path) -> tuple[list[Path], list[str]]:
     return [p for p in entries if p.is_file()], [p.name + "/" for p in entries if p.is_dir()]
 
 
-def inspect_artifact(path: str | Path, progress: bool = True) -> Artifact:
-    """Categorise every tensor of the artifact at `path` from its headers (see the module docstring)."""
+def inspect_artifact(path: str | Path, progress: bool = True, progress_delay: float = 0.5) -> Artifact:
+    """Categorise every tensor of the artifact at `path` from its headers (see the module docstring).
+    The progress bar appears only when reading takes longer than `progress_delay` seconds."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -188,8 +189,8 @@ def inspect_artifact(path: str | Path, progress: bool = True) -> Artifact:
     moments = [0, 0]
     general: dict = {}
     # Headers are read quickly, but a folder of many shards (or a slow disk) still takes a while.
-    bar = tqdm(tensor_files, desc="reading headers", unit="file", leave=False, disable=not progress or
-               len(tensor_files) < 2)
+    bar = tqdm(tensor_files, desc="reading headers", unit="file", delay=progress_delay,
+               disable=not progress or len(tensor_files) < 2)
     for f in bar:
         if f.name.endswith(".gguf"):
             summary = check_gguf(f)
