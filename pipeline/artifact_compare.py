@@ -33,7 +33,7 @@ def render_artifact(a: Artifact) -> str:
     rows.append(("total", _n(a.total_params), human_size(a.total_bytes), "", "", ""))
     out = [f"{a.path}: {a.description}", _table(rows),
            f"categories add up to {a.total_bytes:,} bytes = {share:.2f} % of the {a.file_bytes:,} bytes on disk "
-           f"({len(a.files)} files)"]
+           f"({len(a.files)} file{'s' if len(a.files) != 1 else ''})"]
     w = a.weights()
     if w.params:
         out.append(f"weights: {w.params:,} parameters at {w.bits_per_weight:.2f} bits per weight "
@@ -74,8 +74,13 @@ def render_comparison(a: Artifact, b: Artifact) -> str:
                  human_size(b.total_bytes), _signed(b.total_bytes - a.total_bytes, True),
                  _signed(b.total_params - a.total_params, False)))
     wa, wb = a.weights(), b.weights()
-    rows.append(("bits/weight", "", _bits(wa.bits_per_weight) or "-", "", _bits(wb.bits_per_weight) or "-", "", ""))
-    out = [f"A = {a.path}: {a.description}", f"B = {b.path}: {b.description}", _table(rows)]
+    if wa.params or wb.params:
+        rows.append(("bits/weight", "", _bits(wa.bits_per_weight) or "-", "", _bits(wb.bits_per_weight) or "-", "",
+                     ""))
+    out = [f"A = {a.path}: {a.description}", f"B = {b.path}: {b.description}", _table(rows),
+           f"categories add up to the bytes on disk: A {a.total_bytes:,} of {a.file_bytes:,}, "
+           f"B {b.total_bytes:,} of {b.file_bytes:,}"]
+    out += [f"{name}: {note}" for name, x in (("A", a), ("B", b)) for note in x.notes if note.startswith("not counted")]
     why = explain(a, b)
     if why:
         out += ["", "Why:"] + [f"- {s}" for s in why]
