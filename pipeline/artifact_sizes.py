@@ -54,6 +54,7 @@ _RULES = [(re.compile(p), c) for p, c in CATEGORY_RULES]
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 OPTIMIZER_FILE, ADAPTER_FILE, ADAPTER_CONFIG = "optimizer.safetensors", "adapters.safetensors", "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_FILE, "adapter_model.safetensors")  # mlx-lm's, PEFT's
 NOT_AN_ARTIFACT_FIX = ("Give a model folder (config.json + *.safetensors, e.g. models/<run>/fused), an adapter "
                        "folder (adapters.safetensors + adapter_config.json, e.g. models/<run>/adapters/best), a "
                        "training checkpoint (models/<run>/adapters/checkpoints/step-N), a .safetensors file or "
@@ -197,7 +198,8 @@ def inspect_artifact(path: str | Path, progress: bool = True, progress_delay: fl
             general = general or summary["general"]
             tensor_bytes = _add_gguf(summary, categories)
         else:
-            role = "optimizer" if f.name == OPTIMIZER_FILE else "adapter" if f.name == ADAPTER_FILE else "model"
+            role = ("optimizer" if f.name == OPTIMIZER_FILE else "adapter" if f.name in ADAPTER_FILES
+                    else "model")
             full = adapter_config.get("fine_tune_type") == "full"
             tensor_bytes = _add_safetensors(f, role, quantization, categories, moments, full)
         metadata[f.name] = f.stat().st_size - tensor_bytes
@@ -330,12 +332,14 @@ def _describe(path: Path, names: set, config: dict, adapter_config: dict, genera
     lora = adapter_config.get("lora_parameters") or {}
     detail = (f"{tune}, rank {lora.get('rank')}, {len(lora.get('keys') or [])} target projections, "
               f"last {adapter_config.get('num_layers')} layers" if tune != "full" and lora else tune)
+    if "peft_type" in adapter_config:  # a Hugging Face PEFT adapter
+        detail = f"PEFT {adapter_config['peft_type']}, rank {adapter_config.get('r')}"
     if OPTIMIZER_FILE in names:
         state = _json(path / "state.json")
         step = state.get("step") if isinstance(state.get("step"), int) else None
         return ("checkpoint", f"training checkpoint{f' (step {step})' if step is not None else ''}: "
                 f"adapter weights + Adam optimizer state ({detail})", step)
-    if ADAPTER_FILE in names:
+    if names & set(ADAPTER_FILES):
         return "adapter", f"adapter ({detail})", None
     if config:
         manifest = _json(path / "manifest.json")
