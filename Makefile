@@ -7,6 +7,7 @@
 # make fuse ADAPTER=last    use the last step's adapter instead of the best one (adapters/best/)
 # make install             put the verified GGUF into LM Studio, write an Ollama Modelfile (TYPE=Q8_0)
 # make report              models/<run>/report.html: data, loss curves, metrics, GGUFs, runtimes, timings
+# make sweep SWEEP=configs/sweep.yaml   one adapter per trial (rank, lr, ...) on the shared base (MERGE=1: B1)
 # make test                set up and run the test suite (what CI runs)
 # make bench               our phases vs mlx_lm / llama.cpp on the same inputs (BENCH="train fuse" for some)
 #
@@ -36,11 +37,11 @@ define remember
 @mkdir -p $(dir $(1)); echo '$(2)' | cmp -s - $(1) 2>/dev/null || echo '$(2)' > $(1)
 endef
 
-.PHONY: setup data base quantize train eval fuse hf gguf verify install report demo test bench clean help FORCE
+.PHONY: setup data base quantize train eval fuse hf gguf verify install report sweep demo test bench clean help FORCE
 .DEFAULT_GOAL := help
 
 help:
-	@echo "targets: setup base data quantize train eval fuse hf gguf verify install report demo test bench clean"
+	@echo "targets: setup base data quantize train eval fuse hf gguf verify install report sweep demo test bench clean"
 	@echo "  CONFIG=$(CONFIG)  run $(RUN_NAME)  DEQUANTIZE=$(DEQUANTIZE)  QUANTS=$(QUANTS)  ADAPTER=$(ADAPTER)"
 
 setup: $(STAMP)
@@ -152,6 +153,12 @@ install: $(STAMP)
 # One self-contained page of everything the run's phases recorded; phases not run yet say so.
 report: $(STAMP)
 	$(CLI) report $(ARGS)
+
+# Trials of SWEEP's `sweep:` block, adapters only, on this run's base and data (made first when missing);
+# finished trials are skipped. MERGE=1: score each as a temporary full-precision fuse (B1), deleted after.
+SWEEP ?= configs/sweep.yaml
+sweep: $(RUNDIR)/data/manifest.json $(RUNDIR)/base-quantized/manifest.json
+	$(CLI) sweep $(ARGS) --sweep $(SWEEP) $(if $(filter 1 true yes on,$(MERGE)),--merge)
 
 demo: eval verify
 	@echo

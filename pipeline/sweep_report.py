@@ -108,6 +108,8 @@ def plot(trials: list[dict], primary: str | None) -> bytes:
         ax.set_yticks(range(len(values)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(title)
+        if title.endswith("%"):
+            ax.set_xlim(0, 105)
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
     fig.tight_layout()

@@ -179,7 +179,8 @@ def _value(key: str, value, where: str):
             raise ConfigError(f"{where}.{key} = {value!r}: a positive number is needed (alpha = scale x rank).")
         return float(value)
     if key not in KEYS:
-        close = difflib.get_close_matches(key, [*KEYS, SCALE], n=1)
+        aliases = {f"{k.split('.')[0]}.{v}": k for k, v in SHORT.items()}  # train.lr: the table's own names
+        close = [aliases[key]] if key in aliases else difflib.get_close_matches(key, [*KEYS, SCALE], n=1)
         hint = f" Did you mean {close[0]}?" if close else ""
         raise ConfigError(f"{where}.{key}: unknown config key.{hint} Sweepable keys: train.* (see "
                           f"`mlx-pipeline train --help`), {SCALE}, seed.")

@@ -271,7 +271,7 @@ def _summary(cfg, spec, folder: Path, manifests: list[dict], mode: str) -> dict:
 
 def _mode_text(mode: str) -> str:
     return ("B1: merged into a temporary full-precision model, deleted after scoring" if mode == "merged"
-            else "B2: the adapter loaded on the quantized base, no merge")
+            else "B2: the adapter loaded on the training base, no merge")
 
 
 def _read(path: Path) -> dict | None:
