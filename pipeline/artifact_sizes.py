@@ -186,7 +186,9 @@ def inspect_artifact(path: str | Path, progress: bool = True, progress_delay: fl
     adapter_config = _json(path / ADAPTER_CONFIG) if path.is_dir() else {}
     categories = {k: Category() for k in CATEGORIES}
     metadata = {}
-    quantization = _quantization(config)
+    # A single file of a quantized model: its folder's config.json says the bits and group size
+    # (the shapes alone cannot tell 4-bit group 64 from 8-bit group 32).
+    quantization = _quantization(config if path.is_dir() else _json(path.parent / "config.json"))
     moments = [0, 0]
     general: dict = {}
     # Headers are read quickly, but a folder of many shards (or a slow disk) still takes a while.

@@ -83,7 +83,7 @@ def test_categories_add_up_to_the_bytes_on_disk(run):
     'other'; a quantized model counts as many parameters as the full-precision one (unpacked)."""
     paths = [run / "base", run / "base-quantized", run / "adapters", run / "adapters" / "best", checkpoint(run),
              run / "fused", run / "fused-native", run / "hf", run / "gguf" / "t-Q8_0.gguf",
-             run / "adapters" / "adapters.safetensors"]
+             run / "adapters" / "adapters.safetensors", run / "fused-native" / "model.safetensors"]
     params = {}
     for p in paths:
         if not p.exists():
@@ -94,7 +94,7 @@ def test_categories_add_up_to_the_bytes_on_disk(run):
         params[p.name] = a.weights().params
     base = params["base"]
     assert base == sum(numel(run / "base" / "model.safetensors").values())
-    for name in ("base-quantized", "fused", "fused-native", "hf", "t-Q8_0.gguf"):
+    for name in ("base-quantized", "fused", "fused-native", "hf", "t-Q8_0.gguf", "model.safetensors"):
         assert params[name] == base, name
     assert params["adapters.safetensors"] == 0  # an adapter holds no base weights
 
@@ -269,3 +269,28 @@ def test_bad_inputs_are_named_with_the_fix(run, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
     fails(bad, "not supported")
+
+
+def test_bits_and_group_size_come_from_config_per_layer(tmp_path):
+    """mlx-lm's mixed quantization (a per-layer entry in config.json's `quantization`): each layer is
+    unpacked with its own bits, also when the weights file is named alone; the shapes alone could not
+    tell 8-bit group 32 from 4-bit group 64."""
+    import mlx.core as mx
+
+    w = mx.random.normal((64, 256))
+    tensors = {}
+    for name, bits, group in (("model.layers.0.mlp.up_proj", 8, 32), ("model.layers.0.self_attn.q_proj", 4, 64)):
+        q, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+        tensors.update({f"{name}.weight": q, f"{name}.scales": scales, f"{name}.biases": biases})
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), tensors)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization": {
+        "bits": 4, "group_size": 64, "model.layers.0.mlp.up_proj": {"bits": 8, "group_size": 32}}}))
+    for path in (tmp_path, tmp_path / "model.safetensors"):
+        a = inspect_artifact(path, progress=False)
+        assert a.categories["mlp"].params == a.categories["attention"].params == w.size
+        assert a.categories["mlp"].dtype_text() == "8-bit affine g32"
+        assert a.categories["attention"].dtype_text() == "4-bit affine g64"
+        # 32-bit scales and biases: 8 + 64/32 and 4 + 64/64 bits per weight
+        assert a.categories["mlp"].bits_per_weight == pytest.approx(10.0)
+        assert a.categories["attention"].bits_per_weight == pytest.approx(5.0)
+        assert a.total_bytes == on_disk(path)
