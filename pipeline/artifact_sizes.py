@@ -328,8 +328,9 @@ def _describe(path: Path, names: set, config: dict, adapter_config: dict, genera
     if general:
         if general.get("general.type") == "adapter":
             return "gguf-adapter", f"GGUF LoRA adapter ({general.get('general.architecture')})", None
-        dtypes = categories.get("attention") or categories.get("mlp") or next(iter(categories.values()))
-        return "gguf", f"GGUF model ({general.get('general.architecture')}, {dtypes.dtype_text()} weights)", None
+        main = categories.get("attention") or categories.get("mlp") or categories.get("embeddings")
+        weights = f"{main.dtype_text()} weights" if main else "no weights: a vocabulary-only file"
+        return "gguf", f"GGUF model ({general.get('general.architecture')}, {weights})", None
     tune = adapter_config.get("fine_tune_type", "lora")
     lora = adapter_config.get("lora_parameters") or {}
     detail = (f"{tune}, rank {lora.get('rank')}, {len(lora.get('keys') or [])} target projections, "

@@ -294,3 +294,22 @@ def test_bits_and_group_size_come_from_config_per_layer(tmp_path):
         assert a.categories["mlp"].bits_per_weight == pytest.approx(10.0)
         assert a.categories["attention"].bits_per_weight == pytest.approx(5.0)
         assert a.total_bytes == on_disk(path)
+
+
+def test_tied_embeddings_explained(tmp_path):
+    """Two otherwise equal models, one with tie_word_embeddings: the head's bytes are named as the cause."""
+    import mlx.core as mx
+
+    weights = {"model.embed_tokens.weight": mx.zeros((4096, 64)), "model.norm.weight": mx.ones((64,)),
+               "model.layers.0.mlp.up_proj.weight": mx.zeros((128, 64))}
+    for name, tied in (("tied", True), ("untied", False)):
+        (tmp_path / name).mkdir()
+        extra = {} if tied else {"lm_head.weight": mx.zeros((4096, 64))}
+        mx.save_safetensors(str(tmp_path / name / "model.safetensors"), {**weights, **extra})
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": tied}))
+    out = inspect_json(tmp_path / "tied", tmp_path / "untied")
+    assert out["a"]["tied_embeddings"] is True and out["b"]["tied_embeddings"] is False
+    assert out["b"]["categories"]["head"]["params"] == 4096 * 64
+    assert out["explanations"] == [
+        f"tied embeddings: A has no separate lm_head (tie_word_embeddings: the output layer reuses the embedding "
+        f"matrix); B stores one: {4096 * 64:,} parameters, 1.0 MB."]
