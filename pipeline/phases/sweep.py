@@ -98,7 +98,8 @@ def sweep(cfg, sweep_file: str | Path | None = None, own_config: bool = False, m
         try:
             manifest, ran = _run_trial(cfg, trial, folder, mode, prefix, _eta(durations, left))
         except TrainingInterrupted as e:
-            raise TrainingInterrupted(f"{e}\nsweep stopped in {prefix}; run the same command again to continue "
+            said = str(e).split("; resume with")[0]  # the trainer's hint names `make train`, not the sweep
+            raise TrainingInterrupted(f"{said}\nsweep stopped in {prefix}; run the same command again to continue "
                                       "(finished trials are skipped, this one resumes from its checkpoint).",
                                       e.step, e.checkpoint, e.exit_code) from None
         except KeyboardInterrupt:
