@@ -89,9 +89,29 @@ def overview(paths: RunPaths) -> list:
     return [
         H.table(["run folder", "written", "phase outputs present"],
                 [[str(paths.root), time.strftime("%Y-%m-%d %H:%M:%S %Z"), ", ".join(done) or "none"]]),
+        *[H.paragraph(line) for line in _headline(paths)],
         H.paragraph("Every number on this page is read from the files the phases wrote (manifest.json, "
                     "train_log.jsonl, eval/results.json, verify/report.json); `make report` rewrites it.", "note"),
     ]
+
+
+def _headline(paths: RunPaths) -> list[str]:
+    """The two answers people open the page for, when the files are there: did the adapter learn
+    the task (05), and did every export keep it (10). Details in their sections."""
+    lines = []
+    results = _read_json(paths.eval / "results.json")
+    if isinstance(results, dict) and results.get("primary_metric"):
+        m = results["primary_metric"]
+        base, tuned = ((results.get(k) or {}).get("metric", {}).get(m) for k in ("base", "adapter"))
+        if tuned is not None:
+            lines.append(f"task metric {m}: base {_fmt(base)} %, base + adapter {_fmt(tuned)} % "
+                         f"({results.get('scored_rows', '?')} test rows, 05 eval)")
+    report = _read_json(paths.verify / "report.json")
+    if isinstance(report, dict):
+        n = sum(not r["file"].endswith("(MLX)") for r in report.get("models", []))
+        lines.append(f"{n} exports measured in llama.cpp (10 verify): "
+                     + ("all passed" if report.get("passed") else f"{len(report.get('failures', []))} failure(s)"))
+    return lines
 
 
 def configuration(paths: RunPaths) -> list:

@@ -185,6 +185,8 @@ def test_report_of_the_shipped_run_in_headless_chromium(evaluated_run, tmp_path)
         row = row_of(evals, name)
         assert number(row[1]) == pytest.approx(results[key]["test_loss"], rel=1e-3)
         assert number(row[header.index(f"{primary} %")]) == pytest.approx(results[key]["metric"][primary], abs=0.05)
+    tuned = results["adapter"]["metric"][primary]
+    assert f"base + adapter {tuned:.4g} % ({results['scored_rows']} test rows" in "".join(dom.text)  # the headline
     samples = dom.table("prompt", "expected", "base", "base + adapter")
     assert len(samples) == len(results["samples"]) == 2
     assert [r[3] for r in samples] == [s["adapter"][:300] for s in results["samples"]]
