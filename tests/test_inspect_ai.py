@@ -59,6 +59,7 @@ def answers(log: EvalLog) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")  # Inspect's own retry
 def test_mlx_adapter_and_served_gguf_score_alike(shipped_run, tmp_path, monkeypatch):
     from pipeline.export_choice import choose_export
     from pipeline.inspect_task import run_task
