@@ -37,11 +37,15 @@ def run_task(run: str | None = None, models_dir: str | None = None, config: str 
     for split in [s.strip() for s in names if s.strip()]:
         for i, row in enumerate(read_rows(RunPaths(cfg).data / f"{split}.jsonl")):
             messages, answer = prompt_and_answer(row)
-            samples.append(Sample(input=[_MESSAGE[m["role"]](content=m["content"]) for m in messages],
-                                  target=answer, id=f"{split}-{i + 1}"))
+            samples.append(Sample(input=chat_messages(messages), target=answer, id=f"{split}-{i + 1}"))
     return Task(dataset=MemoryDataset(samples, name=f"{cfg.run}:{'+'.join(names)}"), solver=generate(),
                 scorer=task_metric(),
                 config=GenerateConfig(temperature=0.0, max_tokens=cfg.eval.max_tokens, extra_body=NO_PENALTY))
+
+
+def chat_messages(messages: list[dict]) -> list:
+    """Our {"role", "content"} chat dicts as Inspect's message objects."""
+    return [_MESSAGE[m["role"]](content=m["content"]) for m in messages]
 
 
 @metric

@@ -110,6 +110,49 @@ def test_mlx_adapter_and_served_gguf_score_alike(shipped_run, tmp_path, monkeypa
     assert usage.input_tokens > 0 and usage.output_tokens >= len(mlx.samples)
 
 
+@pytest.mark.slow
+def test_provider_honours_generate_config(shipped_run, monkeypatch):
+    """max_tokens, stop sequences and usage through Inspect's Model API; concurrent requests all answer."""
+    import anyio
+    from inspect_ai.model import GenerateConfig
+
+    from pipeline.agreement import read_rows
+    from pipeline.data.formats import prompt_and_answer
+    from pipeline.inspect_task import chat_messages
+
+    for k in OURS:
+        monkeypatch.delenv(k, raising=False)
+    cfg = shipped_run.cfg
+    prompts = [chat_messages(prompt_and_answer(r)[0]) for r in read_rows(shipped_run.root / "data" / "test.jsonl", 4)]
+    reference = prompt_and_answer(read_rows(shipped_run.root / "data" / "test.jsonl", 1)[0])[1]
+
+    def json_valid(outputs) -> float:
+        return score_answers([o.completion for o in outputs], [reference] * len(outputs))["json_valid"]
+
+    async def ask():
+        async with get_model(f"mlx-pipeline/{cfg.run}", models_dir=cfg.models_dir, memoize=False) as model:
+            short = await model.generate(prompts[0], config=GenerateConfig(max_tokens=3))
+            full = await model.generate(prompts[0], config=GenerateConfig(temperature=0, max_tokens=96))
+            cut = await model.generate(prompts[0], config=GenerateConfig(max_tokens=96, stop_seqs=['"item"']))
+            together = []
+            async with anyio.create_task_group() as tg:  # four at once: one batch
+                for p in prompts:
+                    tg.start_soon(lambda p=p: _collect(model, p, together))
+            return short, full, cut, together
+
+    short, full, cut, together = anyio.run(ask)
+    assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3, short
+    assert full.stop_reason == "stop" and json_valid([full]) == 100, full.completion
+    assert short.usage.input_tokens == full.usage.input_tokens > 20  # the chat template's, system prompt included
+    assert full.completion.startswith(short.completion)
+    assert cut.stop_reason == "stop" and '"item"' not in cut.completion and full.completion.startswith(cut.completion)
+    assert len(together) == 4 and json_valid(together) == 100, [o.completion for o in together]
+
+
+async def _collect(model, prompt, into: list) -> None:
+    into.append(await model.generate(prompt))
+
+
 def test_provider_is_registered_and_names_a_missing_run(tmp_path, monkeypatch):
     """Inspect finds `mlx-pipeline` through our entry point; a run without training says what to run."""
     for k in OURS:
