@@ -82,11 +82,15 @@ class MLXPipelineAPI(ModelAPI):
                             batcher.fail(PipelineError("mlx-pipeline: the model was closed."))
                             batcher.close()
                             return
-                        if item[1].set_running_or_notify_cancel():
-                            batcher.add(*item)
+                        request, future = item
+                        if future.set_running_or_notify_cancel():
+                            try:
+                                batcher.add(request, future)
+                            except Exception as e:  # this request's own problem (its chat template)
+                                future.set_exception(e)
                     if batcher.busy:
                         batcher.step()
-                except Exception as e:  # the requests in flight fail, the thread serves on
+                except Exception as e:  # a decoding step failed: the requests in flight fail, the thread serves on
                     batcher.fail(e)
 
     async def generate(self, input: list[ChatMessage], tools: list[ToolInfo], tool_choice: ToolChoice,
