@@ -164,14 +164,14 @@ def _run_trial(cfg, trial: Trial, folder: Path, mode: str, prefix: str, eta: str
         (tdir / MANIFEST).unlink()  # its result no longer stands: other settings or another eval mode
     trained = _read(paths.adapters / MANIFEST)
     if trained and _same_training(trained.get("config", {}), tcfg.to_dict()):
-        click.echo(f"{prefix}: adapter trained earlier ({paths.adapters}/), evaluating it")
+        click.echo(f"{prefix}: adapter trained earlier ({paths.adapters}/), evaluating it ({_mode_text(mode)})")
     else:
         if trained:
             click.echo(f"{prefix}: {paths.adapters}/ was trained with other settings; training again")
             shutil.rmtree(paths.adapters)
         _train(tcfg, paths, prefix)
+        click.echo(f"{prefix}: trained in {clock(time.time() - started)}, evaluating ({_mode_text(mode)})")
     train_seconds = time.time() - started
-    click.echo(f"{prefix}: trained in {clock(train_seconds)}, evaluating ({_mode_text(mode)})")
     merge = _merge_and_evaluate(tcfg, trial, folder, paths) if mode == "merged" else None
     if merge is None:
         from .p05_evaluate import evaluate
