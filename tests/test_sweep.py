@@ -1,10 +1,10 @@
 """`mlx-pipeline sweep` on the real SmolLM2-135M and the bundled task, through the real CLI.
 
-A 4-trial sweep is SIGKILLed during trial 2 (once its step-1 checkpoint is complete), then run again:
+A 4-trial sweep is SIGKILLed during trial 2 (once its first checkpoint is complete), then run again:
 trial 1 is skipped untouched, trial 2 resumes from its checkpoint, all 4 results come out with test
 loss, task metric and storage measured from the files. A one-trial --merge sweep leaves no temporary
 model behind and reports its bytes. Bad sweep blocks stop with one error naming the key, exit 2,
-before any work. Tiny settings (2 steps, 2 test rows, 1 answered): the figures are not the point.
+before any work. Tiny settings (4 steps, 2 test rows, 1 answered): the figures are not the point.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "run": "sw",
     "data": {"sample_rows": 20},  # 16 train / 2 valid / 2 test
-    "train": {"num_layers": 1, "batch_size": 2, "iters": 2, "save_every": 1, "steps_per_report": 1,
+    "train": {"num_layers": 1, "batch_size": 2, "iters": 4, "save_every": 1, "steps_per_report": 1,
               "steps_per_eval": 1000, "val_batches": 1},
     "eval": {"max_samples": 1, "max_tokens": 12, "show_samples": 0},
 }
@@ -114,7 +114,7 @@ def test_sweep_killed_in_trial_2_resumes_and_reports(shared_run, tmp_path):
     assert "eta " in out  # measured from the trials this process finished
     assert (adapter1.stat().st_mtime_ns, sha256_file(adapter1)) == before
     trained2 = json.loads((folder / ids[1] / "adapters" / "manifest.json").read_text())
-    assert trained2["resumed_from_step"] == 1
+    assert 1 <= trained2["resumed_from_step"] < 4  # killed within 50 ms of its first checkpoint
 
     results = json.loads((folder / "results.json").read_text())
     trials = results["trials"]
