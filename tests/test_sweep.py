@@ -4,7 +4,8 @@ A 4-trial sweep is SIGKILLed during trial 2 (once its first checkpoint is comple
 trial 1 is skipped untouched, trial 2 resumes from its checkpoint, all 4 results come out with test
 loss, task metric and storage measured from the files. A one-trial --merge sweep leaves no temporary
 model behind and reports its bytes. Bad sweep blocks stop with one error naming the key, exit 2,
-before any work. Tiny settings (4 steps, 2 test rows, 1 answered): the figures are not the point.
+before any work; Ctrl-C stops with a checkpoint, exit 130. Tiny settings (4 steps, 2 test rows,
+1 answered): the figures are not the point.
 """
 
 from __future__ import annotations
@@ -175,6 +176,29 @@ def test_merge_leaves_no_temporary_model(shared_run, tmp_path):
     assert s["full_checkpoint_bytes"] == merge["temp_bytes"] and s["full_checkpoint_source"].startswith("measured")
     assert "temporary fused model" in out and "deleted" in out
     assert math.isfinite(trial["result"]["test_loss"])
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_exit_130(shared_run, tmp_path):
+    cfg_path, cfg = shared_run
+    sweep = write_yaml(tmp_path / "stop.yaml", {"sweep": {"name": "stop", "runs": [{"train.rank": 2}]}})
+    folder = cfg.run_dir / "sweeps" / "stop" / "rank2"
+    proc = subprocess.Popen(cli_args(cfg_path, sweep), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if complete_checkpoints(folder / ".adapters.partial" / "checkpoints"):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "sweep stopped in trial 1/1 (rank=2); run the same command again to continue" in out
+    assert "Traceback" not in out
+    assert complete_checkpoints(folder / ".adapters.partial" / "checkpoints")
+    assert not (folder / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("block, env, words", [
