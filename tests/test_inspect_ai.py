@@ -28,6 +28,8 @@ from inspect_ai.model import get_model  # noqa: E402
 from pipeline.errors import MissingInputError, PipelineError  # noqa: E402
 from pipeline.metrics import score_answers  # noqa: E402
 
+# Inspect's own retry policy uses an argument tenacity deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = "test,valid"
 # Anything but the local server goes to a closed port: the test fails rather than reaching the network.
@@ -59,7 +61,6 @@ def answers(log: EvalLog) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")  # Inspect's own retry
 def test_mlx_adapter_and_served_gguf_score_alike(shipped_run, tmp_path, monkeypatch):
     from pipeline.export_choice import choose_export
     from pipeline.inspect_task import run_task
