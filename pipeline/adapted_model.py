@@ -1,5 +1,5 @@
 """A run's base model plus its trained adapter, straight from MLX (no fuse, no server), answering chats
-as they come (continuous batching): what the Inspect AI provider (pipeline/inspect_mlx.py) serves.
+as they come (continuous batching): what the Inspect AI provider (pipeline/inspect_ai_model.py) serves.
 
 It loads what 05 evaluate and 06 generate load: the training base (models/<run>/base-quantized for
 QLoRA) in the compute dtype the adapter was trained in, then the adapter 05-10 pick (config

@@ -253,6 +253,8 @@ def main():
     \b
       base -> data -> quantize -> train -> eval / generate
       train -> fuse -> hf -> gguf -> verify
+
+    Around them: inspect (what is in a file), sweep (many adapters on one base), report (one HTML page).
     """
 
 

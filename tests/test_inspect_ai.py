@@ -1,4 +1,4 @@
-"""Inspect AI evaluates a run without merging it: the same Inspect task (pipeline/inspect_task.py,
+"""Inspect AI evaluates a run without merging it: the same Inspect task (pipeline/inspect_ai_task.py,
 scored with our task metric) on base + adapter straight from MLX (`--model mlx-pipeline/<run>`,
 through the `inspect eval` command line as a user types it) and on the F16 base + LoRA GGUF pair
 served by `mlx-pipeline serve`'s llama.cpp server (Inspect's OpenAI-compatible provider,
@@ -63,7 +63,7 @@ def answers(log: EvalLog) -> dict[str, str]:
 @pytest.mark.slow
 def test_mlx_adapter_and_served_gguf_score_alike(shipped_run, tmp_path, monkeypatch):
     from pipeline.export_choice import choose_export
-    from pipeline.inspect_task import run_task
+    from pipeline.inspect_ai_task import run_task
     from pipeline.serve import start_server
 
     cfg = shipped_run.cfg
@@ -74,7 +74,7 @@ def test_mlx_adapter_and_served_gguf_score_alike(shipped_run, tmp_path, monkeypa
 
     # 1. Base + adapter from MLX, in a fresh process, exactly as the README's command line.
     inspect_cli = Path(sys.executable).parent / "inspect"
-    cmd = [str(inspect_cli), "eval", "pipeline/inspect_task.py", "--model", f"mlx-pipeline/{cfg.run}",
+    cmd = [str(inspect_cli), "eval", "pipeline/inspect_ai_task.py", "--model", f"mlx-pipeline/{cfg.run}",
            "-M", f"models_dir={cfg.models_dir}", "-T", f"run={cfg.run}", "-T", f"models_dir={cfg.models_dir}",
            "-T", f"splits={SPLITS}", "--log-dir", str(tmp_path / "mlx"), "--display", "plain"]
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
@@ -119,7 +119,7 @@ def test_provider_honours_generate_config(shipped_run, monkeypatch):
 
     from pipeline.agreement import read_rows
     from pipeline.data.formats import prompt_and_answer
-    from pipeline.inspect_task import chat_messages
+    from pipeline.inspect_ai_task import chat_messages
 
     for k in OURS:
         monkeypatch.delenv(k, raising=False)

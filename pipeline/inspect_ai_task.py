@@ -2,8 +2,8 @@
 (pipeline/metrics.py: JSON match for JSON answers such as the bundled json-extract task, else exact
 match), so its score is the number 05 evaluate and 10 verify report.
 
-    inspect eval pipeline/inspect_task.py --model mlx-pipeline/demo              # base + adapter, MLX
-    inspect eval pipeline/inspect_task.py -T splits=test,valid --model openai-api/llamacpp/<name>
+    inspect eval pipeline/inspect_ai_task.py --model mlx-pipeline/demo              # base + adapter, MLX
+    inspect eval pipeline/inspect_ai_task.py -T splits=test,valid --model openai-api/llamacpp/<name>
 
 Task args (`-T`): run and models_dir (default: RUN / MODELS_DIR, else demo / models, as the
 pipeline's config resolves them), config (a YAML such as configs/default.yaml), splits (comma-separated

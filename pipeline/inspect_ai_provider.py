@@ -7,6 +7,6 @@ from inspect_ai.model import modelapi
 
 @modelapi(name="mlx-pipeline")
 def mlx_pipeline():
-    from .inspect_mlx import MLXPipelineAPI
+    from .inspect_ai_model import MLXPipelineAPI
 
     return MLXPipelineAPI

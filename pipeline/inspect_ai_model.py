@@ -1,11 +1,11 @@
 """Inspect AI's model provider `mlx-pipeline/<run>`: a run's base + adapter answering from MLX in this
 process (pipeline/adapted_model.py), without fusing and without a server.
 
-    inspect eval pipeline/inspect_task.py --model mlx-pipeline/demo
-    inspect eval pipeline/inspect_task.py --model mlx-pipeline/ship -M models_dir=/tmp/runs -M adapter=last
+    inspect eval pipeline/inspect_ai_task.py --model mlx-pipeline/demo
+    inspect eval pipeline/inspect_ai_task.py --model mlx-pipeline/ship -M models_dir=/tmp/runs -M adapter=last
 
 Model args (`-M`): models_dir (default: MODELS_DIR, else "models") and adapter (best or last, default:
-ADAPTER, else best), as the pipeline's own config resolves them. pipeline/inspect_provider.py
+ADAPTER, else best), as the pipeline's own config resolves them. pipeline/inspect_ai_provider.py
 registers this class with Inspect (the `inspect_ai` entry point in pyproject.toml).
 
 MLX is not thread-safe and its default stream is per thread: the model is loaded and run on one
