@@ -21,12 +21,17 @@ class Eta:
         self.steps.append(seconds)
         self.done += 1
 
+    def skip(self) -> None:
+        """A unit done without being measured (a sweep trial finished by an earlier run)."""
+        self.done += 1
+
     def pause(self, seconds: float) -> None:
         self.pauses.append(seconds)
 
-    def remaining(self, pauses_left: int = 0) -> float | None:
-        """Seconds left, or None while only warm-up steps have been measured."""
-        steady = self.steps[self.warmup:]
+    def remaining(self, pauses_left: int = 0, provisional: bool = False) -> float | None:
+        """Seconds left, or None while only warm-up steps have been measured (`provisional`: use
+        them until a steady one is, where warm-up is a small part of a unit, as for sweep trials)."""
+        steady = self.steps[self.warmup:] or (self.steps if provisional else [])
         if not steady:
             return None
         # The median ignores the odd slow step (another process on the machine, a checkpoint flush).
@@ -37,8 +42,8 @@ class Eta:
             seconds += statistics.median(measured) * pauses_left
         return seconds
 
-    def text(self, pauses_left: int = 0) -> str:
-        left = self.remaining(pauses_left)
+    def text(self, pauses_left: int = 0, provisional: bool = False) -> str:
+        left = self.remaining(pauses_left, provisional)
         return "eta after warm-up" if left is None else f"eta {clock(left)}"
 
 

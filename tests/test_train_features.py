@@ -305,6 +305,12 @@ def test_eta_leaves_out_warm_up_and_validation():
     eta.pause(2.0)
     assert eta.remaining(pauses_left=3) == pytest.approx(97 * 1.1 + 3 * 2.0)
     assert (clock(7), clock(245), clock(3723)) == ("0:07", "4:05", "1:02:03")
+    trials = Eta(total=4)  # sweep trials: the first one stands in until a second is timed
+    trials.skip()
+    trials.step(100.0)
+    assert trials.remaining() is None and trials.remaining(provisional=True) == pytest.approx(200.0)
+    trials.step(80.0)
+    assert trials.text(provisional=True) == "eta 1:20"
 
 
 def test_training_bar_shows_our_eta(prepared, tmp_path, capfd):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..errors import MissingInputError, PipelineError
 from ..fsio import clean_stale, disk_usage, human_size, sha256_file, write_json
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..paths import RunPaths
-from ..progress import clock
+from ..progress import Eta, clock
 from ..sweep_report import storage, storage_lines, write_results
 from ..sweep_spec import Trial, parse_sweep, read_block, trial_config
 from ..trainer import TrainingInterrupted
@@ -90,13 +89,17 @@ def sweep(cfg, sweep_file: str | Path | None = None, own_config: bool = False, m
                                                   "settings": t.settings} for t in spec.trials]})
     click.echo(f"sweep folder: {folder}/  (eval: {_mode_text(mode)})")
 
-    manifests, durations, n = [], [], len(spec.trials)
+    manifests, n = [], len(spec.trials)
+    # From the trials this process ran; the first (model load, MLX's compile) is left out once a second is timed.
+    eta = Eta(total=n)
     for trial in spec.trials:
-        left = n - trial.index + 1
+        left = n - eta.done
         prefix = f"trial {trial.index}/{n} ({trial.label})"
         t0 = time.time()
+        eta_text = (f"{eta.text(provisional=True)} for {left} trial(s)" if eta.steps
+                    else "eta after the first trial")
         try:
-            manifest, ran = _run_trial(cfg, trial, folder, mode, prefix, _eta(durations, left))
+            manifest, ran = _run_trial(cfg, trial, folder, mode, prefix, eta_text)
         except TrainingInterrupted as e:
             said = str(e).split("; resume with")[0]  # the trainer's hint names `make train`, not the sweep
             raise TrainingInterrupted(f"{said}\nsweep stopped in {prefix}; run the same command again to continue "
@@ -107,7 +110,9 @@ def sweep(cfg, sweep_file: str | Path | None = None, own_config: bool = False, m
             raise SweepInterrupted(f"sweep stopped in {prefix} (Ctrl-C); run the same command again to continue "
                                    "(finished trials are skipped).") from None
         if ran:
-            durations.append(time.time() - t0)
+            eta.step(time.time() - t0)
+        else:
+            eta.skip()
         manifests.append(manifest)
 
     summary = _summary(cfg, spec, folder, manifests, mode)
@@ -115,15 +120,6 @@ def sweep(cfg, sweep_file: str | Path | None = None, own_config: bool = False, m
     click.echo("\n" + (folder / "results.md").read_text().split("\n\n![")[0])
     done(f"sweep '{spec.name}' done in {clock(time.time() - started)}: {files['markdown']}, {files['html']}")
     return SweepResult(folder, summary["trials"], summary["storage"], files)
-
-
-def _eta(durations: list[float], left: int) -> str:
-    """Remaining time from the trials this process finished; the first one (MLX's compile warm-up, the
-    first model load) is left out once a second one is measured."""
-    if not durations:
-        return "eta after the first trial"
-    steady = durations[1:] or durations
-    return f"eta {clock(statistics.median(steady) * left)} for {left} trial(s)"
 
 
 def _shared_inputs(cfg) -> None:
