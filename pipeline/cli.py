@@ -370,7 +370,7 @@ main.add_command(make_command("report", [
 def _sweep_kwargs(kw, cfg):
     config = click.get_current_context().params.get("config")  # its own `sweep:` block, without --sweep
     return {"sweep_file": kw["sweep"] or config, "own_config": not kw["sweep"], "merge": kw["merge"],
-            "name": kw["name"]}
+            "name": kw["name"], "keep_checkpoints": kw["keep_checkpoints"]}
 
 
 main.add_command(make_command("sweep", [
@@ -381,6 +381,9 @@ main.add_command(make_command("sweep", [
                       "afterwards (default B2: the adapter loaded on the base, no merge)."),
     click.option("--name", default=None, help="Sweep folder name under models/<run>/sweeps/ (default: sweep.name, "
                  "else the sweep file's stem)."),
+    click.option("--keep-checkpoints", is_flag=True, default=False,
+                 help="Keep each finished trial's resumable checkpoints (adapter + optimizer state, ~3x the adapter); "
+                      "by default only its last and best adapters stay."),
 ], _sweep_kwargs))
 
 

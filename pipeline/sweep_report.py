@@ -53,8 +53,10 @@ def storage_lines(s: dict) -> list[str]:
     n = s["trials"]
     lines = [
         f"sweep on disk: {human_size(s['sweep_bytes'])} for {n} trial(s) (every file of the trial folders; of it "
-        f"adapters {human_size(s['adapter_bytes'])}, resumable checkpoints with optimizer state "
-        f"{human_size(s['checkpoint_bytes'])}); base and quantized base shared, not copied "
+        f"adapters {human_size(s['adapter_bytes'])}, "
+        + (f"resumable checkpoints with optimizer state {human_size(s['checkpoint_bytes'])}" if s["checkpoint_bytes"]
+           else "no resumable checkpoints: removed once scored, --keep-checkpoints keeps them")
+        + "); base and quantized base shared, not copied "
         f"({human_size(s['shared']['base']['bytes'])} + {human_size(s['shared']['base_quantized']['bytes'])}).",
         f"full checkpoints: {n} x {human_size(s['full_checkpoint_bytes'])} = {human_size(s['full_checkpoints_bytes'])} "
         f"({s['full_checkpoint_source']}).",

@@ -139,6 +139,8 @@ def test_sweep_killed_in_trial_2_resumes_and_reports(shared_run, tmp_path):
     assert s["full_checkpoint_bytes"] == params * 2 and s["full_checkpoint_source"].startswith("computed")
     assert s["ratio"] == round(4 * params * 2 / s["sweep_bytes"], 1)
     assert s["ratio"] > 1  # four adapter folders are smaller than four full models
+    # adapter-only storage: a scored trial keeps its last and best adapters, not its resumable checkpoints
+    assert s["checkpoint_bytes"] == 0 and not any((folder / i / "adapters" / "checkpoints").exists() for i in ids)
     # Nothing of the base was copied: no trial folder holds a file as large as the quantized base's weights.
     biggest = max(f.stat().st_size for i in ids for f in (folder / i).rglob("*") if f.is_file())
     assert biggest < min(f.stat().st_size for f in (cfg.run_dir / "base-quantized").glob("*.safetensors"))
@@ -159,8 +161,8 @@ def test_merge_leaves_no_temporary_model(shared_run, tmp_path):
     cfg_path, cfg = shared_run
     sweep = write_yaml(tmp_path / "merge.yaml", {"sweep": {"name": "merged", "runs": [{"train.rank": 4}],
                                                            "fixed": {"train.iters": 1}}})
-    done = subprocess.run(cli_args(cfg_path, sweep, "--merge"), cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True)
+    done = subprocess.run(cli_args(cfg_path, sweep, "--merge", "--keep-checkpoints"), cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     folder = cfg.run_dir / "sweeps" / "merged"
@@ -176,6 +178,7 @@ def test_merge_leaves_no_temporary_model(shared_run, tmp_path):
     assert s["full_checkpoint_bytes"] == merge["temp_bytes"] and s["full_checkpoint_source"].startswith("measured")
     assert "temporary fused model" in out and "deleted" in out
     assert math.isfinite(trial["result"]["test_loss"])
+    assert trial["checkpoint_bytes"] > 0 and (folder / trial["id"] / "adapters" / "checkpoints").is_dir()
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_exit_130(shared_run, tmp_path):

@@ -71,8 +71,10 @@ class TrialPaths(RunPaths):
 
 
 def sweep(cfg, sweep_file: str | Path | None = None, own_config: bool = False, merge: bool = False,
-          name: str | None = None) -> SweepResult:
-    """`sweep_file`: the YAML with the `sweep:` block; `own_config`: it is also the run's --config."""
+          name: str | None = None, keep_checkpoints: bool = False) -> SweepResult:
+    """`sweep_file`: the YAML with the `sweep:` block; `own_config`: it is also the run's --config;
+    `keep_checkpoints`: keep a finished trial's resumable checkpoints (adapter + Adam's state, 3x the
+    adapter), which only a longer re-training of that trial needs."""
     if sweep_file is None:
         raise MissingInputError("No sweep given: pass --sweep FILE (see configs/sweep.yaml) or a --config YAML "
                                 "with a top-level `sweep:` block.")
@@ -99,7 +101,7 @@ def sweep(cfg, sweep_file: str | Path | None = None, own_config: bool = False, m
         eta_text = (f"{eta.text(provisional=True)} for {left} trial(s)" if eta.steps
                     else "eta after the first trial")
         try:
-            manifest, ran = _run_trial(cfg, trial, folder, mode, prefix, eta_text)
+            manifest, ran = _run_trial(cfg, trial, folder, mode, prefix, eta_text, keep_checkpoints)
         except TrainingInterrupted as e:
             said = str(e).split("; resume with")[0]  # the trainer's hint names `make train`, not the sweep
             raise TrainingInterrupted(f"{said}\nsweep stopped in {prefix}; run the same command again to continue "
@@ -145,7 +147,8 @@ def _remove_leftovers(folder: Path) -> None:
     clean_stale(folder)
 
 
-def _run_trial(cfg, trial: Trial, folder: Path, mode: str, prefix: str, eta: str) -> tuple[dict, bool]:
+def _run_trial(cfg, trial: Trial, folder: Path, mode: str, prefix: str, eta: str,
+               keep_checkpoints: bool) -> tuple[dict, bool]:
     """(the trial's manifest, whether anything ran)."""
     tdir = folder / trial.id
     tcfg = trial_config(cfg, trial)
@@ -173,6 +176,8 @@ def _run_trial(cfg, trial: Trial, folder: Path, mode: str, prefix: str, eta: str
         from .p05_evaluate import evaluate
 
         evaluate(tcfg, skip_base=True, paths=paths)
+    if not keep_checkpoints:  # adapter-only storage: the trial is scored, its last and best adapters stay
+        shutil.rmtree(paths.adapters / CHECKPOINTS, ignore_errors=True)
     return _write_trial_manifest(tcfg, trial, tdir, paths, mode, merge, started, train_seconds), True
 
 
