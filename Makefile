@@ -155,10 +155,12 @@ report: $(STAMP)
 	$(CLI) report $(ARGS)
 
 # Trials of SWEEP's `sweep:` block, adapters only, on this run's base and data (made first when missing);
-# finished trials are skipped. MERGE=1: score each as a temporary full-precision fuse (B1), deleted after.
+# finished trials are skipped. MERGE=1: score each as a temporary full-precision fuse (B1), deleted after;
+# KEEP_CHECKPOINTS=1: keep each scored trial's resumable checkpoints.
 SWEEP ?= configs/sweep.yaml
 sweep: $(RUNDIR)/data/manifest.json $(RUNDIR)/base-quantized/manifest.json
-	$(CLI) sweep $(ARGS) --sweep $(SWEEP) $(if $(filter 1 true yes on,$(MERGE)),--merge)
+	$(CLI) sweep $(ARGS) --sweep $(SWEEP) $(if $(filter 1 true yes on,$(MERGE)),--merge) \
+	  $(if $(filter 1 true yes on,$(KEEP_CHECKPOINTS)),--keep-checkpoints)
 
 demo: eval verify
 	@echo
