@@ -3,7 +3,7 @@
 Reads only what the phases left behind (manifests, adapters/train_log.jsonl, eval/results.json,
 verify/report.json), never runs a phase: a phase that has not run shows as "not run yet: `make
 <target>`", and a manifest this version cannot read shows its error in its own section, so one old
-or broken file never costs the whole page. Figures are drawn in memory (pipeline/report_plots.py)
+or broken file never costs the whole page. Figures are drawn in memory (pipeline/plots.py)
 and embedded, so the page can be mailed or archived as one file.
 """
 
@@ -171,7 +171,7 @@ def training(paths: RunPaths) -> list:
             ["resumed from step", str(m.get("resumed_from_step", ""))]]
     parts = [H.table(["", "value"], rows)]
     log = _read_jsonl(paths.adapters / "train_log.jsonl")
-    from .report_plots import loss_curves
+    from .plots import loss_curves
 
     png = loss_curves(log, best.get("step"))
     parts.append(H.figure_png(png, "loss curves: train and validation loss per step") if png
@@ -260,7 +260,7 @@ def exports(paths: RunPaths) -> list:
                          f"{'all passed' if report.get('passed') else 'FAILURES below'}."),
              H.table(["file", "type", "size", "bits per weight", "KL to MLX", "top-1 %", "perplexity",
                       f"{primary or 'metric'} %", "verify"], rows)]
-    from .report_plots import size_vs_quality
+    from .plots import size_vs_quality
 
     png = size_vs_quality(points, primary, reference)
     if png:

@@ -7,11 +7,11 @@ against what one full-precision fused model per trial would take, measured where
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from . import html_page as H
 from .fsio import disk_usage, human_size, safetensors_numel, write_bytes, write_json, write_text
+from .plots import trial_bars
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -93,41 +93,13 @@ def markdown(header: list, table: list[list]) -> str:
     return "\n".join(lines)
 
 
-def plot(trials: list[dict], primary: str | None) -> bytes:
-    """Test loss (and the task metric) per trial, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [f"{t['index']}: {t['label']}" for t in trials]
-    panels = [("test loss", [t["result"]["test_loss"] for t in trials])]
-    if primary:
-        panels.append((f"{primary} %", [t["result"].get("metric", {}).get(primary) or 0.0 for t in trials]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 1.2 + 0.45 * len(trials)), squeeze=False)
-    for ax, (title, values) in zip(axes[0], panels):
-        ax.barh(range(len(values)), values, color="#4878a8")
-        ax.set_yticks(range(len(values)), names, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_title(title)
-        if title.endswith("%"):
-            ax.set_xlim(0, 105)
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def write_results(folder: Path, summary: dict) -> dict:
     """results.json, results.md, results.png and report.html in the sweep folder; returns their paths."""
     trials, primary = summary["trials"], summary["primary_metric"]
     header, table = rows(trials, primary)
     text = markdown(header, table)
     words = storage_lines(summary["storage"])
-    png = plot(trials, primary)
+    png = trial_bars(trials, primary)
     write_json(folder / "results.json", summary)
     write_text(folder / "results.md", f"# Sweep {summary['sweep']} (run {summary['run']})\n\n{text}\n\n"
                + "\n".join(f"- {w}" for w in words) + "\n\n![per trial](results.png)\n")

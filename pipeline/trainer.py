@@ -335,34 +335,6 @@ class _StopSignals:
         return False
 
 
-def plot_losses(log: list[dict], path: Path, best_step: int | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .fsio import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    tr = [(r["step"], r["train_loss"]) for r in log if "train_loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
-    if tr:
-        ax.plot(*zip(*tr), label="train loss")
-    if va:
-        ax.plot(*zip(*va), "o-", label="validation loss")
-    if best_step is not None:
-        ax.axvline(best_step, color="grey", linestyle=":", label=f"best (step {best_step})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("LoRA training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-
-
 def echo_counts(name: str, encoded: list) -> dict:
     """Trained and masked tokens of a split, printed once at the start."""
     trained = sum(sum(e.mask) for e in encoded)

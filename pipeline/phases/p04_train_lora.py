@@ -27,11 +27,12 @@ from .. import arch
 from .. import checkpoints as ckpt
 from ..checkpoints import CHECKPOINTS
 from ..errors import DataError, PipelineError
-from ..fsio import atomic_path, replace_dir, sha256_file, write_json
+from ..fsio import atomic_path, replace_dir, sha256_file, write_bytes, write_json
 from ..manifest import MANIFEST, read_manifest, write_manifest
 from ..paths import BEST, RunPaths
+from ..plots import loss_curves
 from ..runtime import backend_name, compute_dtype, is_cpu
-from ..trainer import Ranks, TrainingInterrupted, echo_counts, plot_losses, train_loop
+from ..trainer import Ranks, TrainingInterrupted, echo_counts, train_loop
 from .common import done, start_phase
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train_lora"]
@@ -184,7 +185,9 @@ def train_lora(cfg, resume: bool = False, force_resume: bool = False, paths: Run
     _save_adapter(model, work / "adapters.safetensors")
     if not t.keep_best and (work / BEST).exists():
         shutil.rmtree(work / BEST)  # a resumed run that turned keep_best off
-    plot_losses(log, work / "loss.png", out.best["step"] if out.best else None)
+    png = loss_curves(log, out.best["step"] if out.best else None)
+    if png:
+        write_bytes(work / "loss.png", png)
     train_losses = [r["train_loss"] for r in log if "train_loss" in r]
     val_losses = [r["val_loss"] for r in log if "val_loss" in r]
     speeds = [r["tokens_per_second"] for r in log if "tokens_per_second" in r]

@@ -1,5 +1,6 @@
-"""The run report's figures: matplotlib drawn to PNG bytes in memory (the page embeds them; no file
-is written, no display is needed)."""
+"""Every figure the pipeline draws (04's loss.png, the run report, the sweep report): matplotlib
+drawn to PNG bytes in memory, so pages can embed them and files are written atomically by the caller;
+no display is needed."""
 
 from __future__ import annotations
 
@@ -78,4 +79,24 @@ def size_vs_quality(points: list[dict], metric_name: str | None, reference: floa
             ax.set_ylabel(f"{metric_name} % (higher is better)")
         ax.set_xlabel("file size (MB)")
         ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def trial_bars(trials: list[dict], primary: str | None) -> bytes:
+    """Test loss (and the task metric) per trial, as PNG bytes."""
+    plt = _pyplot()
+    names = [f"{t['index']}: {t['label']}" for t in trials]
+    panels = [("test loss", [t["result"]["test_loss"] for t in trials])]
+    if primary:
+        panels.append((f"{primary} %", [t["result"].get("metric", {}).get(primary) or 0.0 for t in trials]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 1.2 + 0.45 * len(trials)), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        ax.barh(range(len(values)), values, color="#4878a8")
+        ax.set_yticks(range(len(values)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        if title.endswith("%"):
+            ax.set_xlim(0, 105)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
     return _png(fig)
