@@ -106,21 +106,21 @@ def test_make_setup_installs_the_cpu_backend_without_a_gpu(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     out = make_setup_dry_run(tmp_path / "venv", f"{bare}{os.pathsep}/usr/bin:/bin")
-    assert 'pip install -q -e ".[test,cpu]"' in out
+    assert 'pip install -q -e ".[test,inspect,cpu]"' in out
     assert "pip uninstall -q -y mlx-cuda-13 mlx-cuda-12" in out
 
 
 def test_make_setup_picks_cuda_when_nvidia_smi_sees_a_gpu(tmp_path):
     path = f"{fake_nvidia_smi(tmp_path / 'bin13')}{os.pathsep}/usr/bin:/bin"
     out = make_setup_dry_run(tmp_path / "venv", path)
-    assert 'pip install -q -e ".[test,cuda]"' in out and "pip uninstall -q -y mlx-cpu" in out
+    assert 'pip install -q -e ".[test,inspect,cuda]"' in out and "pip uninstall -q -y mlx-cpu" in out
     old_driver = f"{fake_nvidia_smi(tmp_path / 'bin12', '12.4')}{os.pathsep}/usr/bin:/bin"
-    assert 'pip install -q -e ".[test,cuda12]"' in make_setup_dry_run(tmp_path / "venv", old_driver)
+    assert 'pip install -q -e ".[test,inspect,cuda12]"' in make_setup_dry_run(tmp_path / "venv", old_driver)
     # BACKEND overrides the detection, and a venv keeps the backend it was set up with.
-    assert 'pip install -q -e ".[test,cpu]"' in make_setup_dry_run(tmp_path / "venv", path, "BACKEND=cpu")
+    assert 'pip install -q -e ".[test,inspect,cpu]"' in make_setup_dry_run(tmp_path / "venv", path, "BACKEND=cpu")
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / ".backend").write_text("cpu\n")
-    assert 'pip install -q -e ".[test,cpu]"' in make_setup_dry_run(tmp_path / "kept", path)
+    assert 'pip install -q -e ".[test,inspect,cpu]"' in make_setup_dry_run(tmp_path / "kept", path)
 
 
 def test_pyproject_declares_backend_extras():
