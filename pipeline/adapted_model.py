@@ -28,9 +28,7 @@ class AdaptedModel:
     """Not thread-safe (MLX is not): load and use it on one thread."""
 
     def __init__(self, cfg):
-        from mlx_lm.tuner.utils import load_adapters
-
-        from .modeling import load_model
+        from .agreement import load_trained
 
         paths = RunPaths(cfg)
         self.choice: AdapterChoice = paths.adapter_choice
@@ -40,9 +38,7 @@ class AdaptedModel:
         dtype = (trained.get("train") or {}).get("compute_dtype", cfg.train.compute_dtype)
         self.base = paths.quantized if quantized else paths.base
         read_manifest(self.base, "quantize" if quantized else "base")
-        self.model, self.tokenizer, _ = load_model(self.base, dtype)
-        load_adapters(self.model, str(self.choice.folder))
-        self.model.eval()
+        self.model, self.tokenizer = load_trained(self.base, self.choice.folder, dtype)
         if self.tokenizer.chat_template is None:
             raise PipelineError(f"{self.base} has no chat template: its tokenizer cannot format chat prompts.")
 

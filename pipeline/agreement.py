@@ -317,15 +317,15 @@ def gguf_metadata(llm) -> dict:
 # Models
 
 
-def load_trained(train_base: Path, adapters: Path):
-    """What training optimised: the training base with the adapter loaded, float32 (on CPU its
-    quantized layers run dequantized, which is exact). Returns (model, tokenizer)."""
+def load_trained(train_base: Path, adapters: Path, dtype: str = "float32"):
+    """What training optimised: the training base with the adapter loaded, float32 by default (on
+    CPU its quantized layers run dequantized, which is exact). Returns (model, tokenizer)."""
     import mlx.core as mx
     from mlx_lm.tuner.utils import load_adapters
 
     from .modeling import load_model
 
-    model, tokenizer, _ = load_model(Path(train_base), "float32")
+    model, tokenizer, _ = load_model(Path(train_base), dtype)
     load_adapters(model, str(adapters))
     model.eval()
     mx.eval(model.parameters())
