@@ -418,6 +418,16 @@ def _flatten_yaml(data: Mapping, path: Path) -> dict[str, Any]:
     return flat
 
 
+def read_yaml(path: Path, what: str, fix: str):
+    """A YAML file's data ({} when empty); a missing or malformed file is one ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}. {fix}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_config(
     yaml_path: str | os.PathLike | None = None,
     cli: Mapping[str, Any] | None = None,
@@ -433,12 +443,7 @@ def load_config(
 
     if yaml_path is not None:
         path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"Config file not found: {path}. Pass an existing YAML with --config (see configs/).")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path, "Config file", "Pass an existing YAML with --config (see configs/).")
         for k, v in _flatten_yaml(data, path).items():
             values[k], origin[k] = coerce(k, v, str(path)), str(path)
 

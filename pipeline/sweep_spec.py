@@ -28,9 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .config import KEYS, SPECIAL_ENV, coerce
+from .config import KEYS, SPECIAL_ENV, coerce, read_yaml
 from .errors import ConfigError
 
 SCALE = "train.scale"
@@ -89,12 +87,7 @@ def read_block(path: str | os.PathLike, own_config: bool) -> Mapping:
     """The `sweep:` block of `path`. `own_config`: the file is also the run's config (its other
     keys are config keys); a separate --sweep file holds the block alone."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Sweep file not found: {path}. Pass an existing YAML with --sweep (see configs/sweep.yaml).")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "Sweep file", "Pass an existing YAML with --sweep (see configs/sweep.yaml).")
     if not isinstance(data, Mapping) or "sweep" not in data:
         raise ConfigError(f"{path} has no top-level `sweep:` block. Add one, e.g. {EXAMPLE}.")
     others = sorted(str(k) for k in data if k != "sweep")
