@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -158,9 +159,11 @@ def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: in
     MAX_FILE_SIZE_GB, model.safetensors.index.json), computing and writing one module at a time.
 
     `save_model` evaluates a whole shard (5 GB) before writing it; here each module's tensors are
-    evaluated together (`evaluate(module_name, arrays)`, default `mx.eval`; the caller may evaluate
-    more with them, such as per-layer statistics), written, and dropped. `weights` is consumed:
-    the caller must hold no other reference to its arrays (drop the model), or they stay in memory.
+    evaluated together (`evaluate(module_name, arrays, part, parts)`, default `mx.eval`; the caller
+    may evaluate more with them, such as per-layer statistics), written, and dropped. A tensor may
+    be given as `Rows` (blocks of rows): its module is then evaluated and written in `parts` steps,
+    block `part` of each such tensor at a time. `weights` is consumed: the caller must hold no other
+    reference to its arrays (drop the model), or they stay in memory.
     Returns the sha256 of each file written, by name.
     """
     from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
@@ -179,7 +182,8 @@ def save_model_streamed(out_dir: str | Path, weights: dict, total_parameters: in
         for i, name in enumerate(names):
             shard, shards[i] = shards[i], None
             weight_map.update(dict.fromkeys(shard, name))
-            hashes[name] = _write_safetensors(out_dir / name, shard, evaluate or (lambda _, arrays: mx.eval(arrays)))
+            hashes[name] = _write_safetensors(out_dir / name, shard,
+                                              evaluate or (lambda _, arrays, *__: mx.eval(arrays)))
     finally:
         mx.set_cache_limit(previous)
         mx.clear_cache()
@@ -209,11 +213,52 @@ def _write_safetensors(path: Path, tensors: dict, evaluate) -> str:
         try:
             writer.put([len(blob).to_bytes(8, "little") + blob])
             for module, group in groups.items():
-                evaluate(module, [tensors[k] for k in group])
-                writer.put([memoryview(mx.contiguous(tensors.pop(k))) for k in group])
+                _write_module(writer, module, [tensors.pop(k) for k in group], evaluate)
         finally:
             writer.close()
     return writer.digest.hexdigest()
+
+
+class Rows:
+    """A 2-D+ tensor given as lazy blocks of its rows, evaluated and written one block at a time.
+
+    A fused layer computed whole makes several float32 temporaries of the layer's size (67 MB each
+    for a 1 B model's MLP), each in fresh pages; in blocks of a few MB they stay in MLX's cache and
+    the CPU's: measured 2-3x faster per layer on the CPU backend (whole lazy concatenations are not:
+    MLX then computes every block's temporaries before the first is freed)."""
+
+    def __init__(self, blocks: list):
+        self.blocks = list(blocks)
+        first = self.blocks[0]
+        self.dtype = first.dtype
+        self.shape = (sum(b.shape[0] for b in self.blocks), *first.shape[1:])
+        self.size = math.prod(self.shape)
+        self.nbytes = self.size * self.dtype.size
+
+
+def _write_module(writer: _Writer, module: str, arrays: list, evaluate) -> None:
+    """Evaluate one module's tensors (block by block where they are `Rows`) and hand their bytes to
+    the writer in file order: tensor by tensor, each tensor's blocks in row order. Blocks of a later
+    tensor (quantization scales) wait until the tensors before it are written."""
+    blocks = [a.blocks if isinstance(a, Rows) else [a] for a in arrays]
+    parts = max(len(b) for b in blocks)
+    done, current = [0] * len(arrays), 0
+    for part in range(parts):
+        now = [j for j, b in enumerate(blocks) if part < len(b)]
+        evaluate(module, [blocks[j][part] for j in now], part, parts)
+        for j in now:
+            done[j] = part + 1
+        while current < len(arrays):
+            chunks = []
+            for i in range(len(blocks[current])):
+                if i < done[current] and blocks[current][i] is not None:
+                    chunks.append(memoryview(mx.contiguous(blocks[current][i])))
+                    blocks[current][i] = None  # the writer's view holds it until written
+            if chunks:
+                writer.put(chunks)
+            if done[current] < len(blocks[current]):
+                break
+            current += 1
 
 
 class _Writer:
@@ -272,7 +317,15 @@ def dense_rows(w: dict, rows: slice):
                          group_size=w["group_size"], bits=w["bits"], mode=w["mode"])
 
 
-STREAM_ROWS = 8192  # output rows of a weight turned into float32 at a time (the vocabulary projection)
+# Weights turned into float32 at a time by a streamed forward pass (rows x input width): a few MB
+# stay in cache and in MLX's reused buffers (measured ~1.4x faster per layer than whole 8192-row blocks).
+STREAM_ELEMENTS = 1 << 20
+
+
+def block_rows(width: int, elements: int) -> int:
+    """Rows per block of at most `elements` weights (at least one row; a multiple of 8 when larger)."""
+    rows = max(1, elements // max(width, 1))
+    return rows - rows % 8 if rows > 8 else rows
 
 
 def load_streamed(model_dir: str | Path, adapters: str | Path | None = None) -> nn.Module:
@@ -332,9 +385,10 @@ def _swap_class(m: nn.Module, methods: dict) -> None:
 def _linear_float32(self, x):
     w, n = weight_arrays(self), self.weight.shape[0]
     x = x.astype(mx.float32)
+    step = block_rows(x.shape[-1], STREAM_ELEMENTS)
     parts = []
-    for start in range(0, n, STREAM_ROWS):
-        parts.append(x @ dense_rows(w, slice(start, start + STREAM_ROWS)).T)
+    for start in range(0, n, step):
+        parts.append(x @ dense_rows(w, slice(start, start + step)).T)
         mx.eval(parts[-1])  # one weight (slice) in float32 at a time, not a block's worth
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     return y + self.bias.astype(mx.float32) if "bias" in self else y

@@ -156,10 +156,72 @@ def test_dora_fuse_is_base_plus_adapter_with_survival(tiny_hf_model, tmp_path):
 
 def test_end_to_end_skipped_only_for_large_exact_fuses():
     big, small = 2 * survival.E2E_ALWAYS_PARAMETERS, survival.E2E_ALWAYS_PARAMETERS // 2
-    exact, requantized = {"max_error": 0.07}, {"max_error": 1.48}
+    exact, requantized = {"max_error": 0.07}, {"max_error": 1.48, "overall_error": 1.47}
     assert survival.end_to_end_needed(exact, small) is None
-    assert survival.end_to_end_needed(requantized, big) is None
-    assert survival.end_to_end_needed({"rated_layers": 0}, big) is None
+    assert survival.end_to_end_needed(requantized, big) is None  # a de-quantized fuse that is not exact
+    assert survival.end_to_end_needed(requantized, small, requantized=True) is None
+    assert survival.end_to_end_needed(requantized, big, requantized=True, strict=True) is None
+    assert survival.end_to_end_needed({"rated_layers": 0}, big, requantized=True) is None
     reason = survival.end_to_end_needed(exact, big)
     assert "0.070 of W + dW" in reason and "skipped" in reason
     assert f"end to end: {reason}" in survival.summary_lines({"end_to_end_skipped": reason})
+    assert survival.lost({"layers": exact, "end_to_end_skipped": reason}) is False  # known: exact up to rounding
+    unmeasured = survival.end_to_end_needed(requantized, big, requantized=True)
+    assert unmeasured.startswith("NOT MEASURED") and "147%" in unmeasured and "--strict" in unmeasured
+    assert survival.lost({"layers": requantized, "end_to_end_skipped": unmeasured}) is None  # unknown, not "kept"
+
+
+def test_large_requantized_fuse_is_measured_with_strict(export_runs, monkeypatch, capsys):
+    """Above the size limit a re-quantized fuse skips the end-to-end pass and records its verdict as
+    unknown; --strict runs it, and still refuses an adapter that re-quantization rounded away."""
+    from export_fixtures import shrink_adapter
+
+    monkeypatch.setattr(survival, "E2E_ALWAYS_PARAMETERS", 0)
+    root = export_runs.trained("llama")
+    shrink_adapter(copy_run(root, "big-unmeasured"))
+    result = p07_fuse_lora.fuse(make_cfg(root, run="big-unmeasured"))
+    report = json.loads((result.path / "manifest.json").read_text())["survival"]
+    assert report["lost"] is None and "end_to_end" not in report
+    assert report["end_to_end_skipped"].startswith("NOT MEASURED")
+    assert "end to end: NOT MEASURED" in capsys.readouterr().out
+    run = shrink_adapter(copy_run(root, "big-strict"))
+    with pytest.raises(PipelineError, match="most of the fine-tune was lost"):
+        p07_fuse_lora.fuse(make_cfg(root, run="big-strict", fuse__strict=True))
+    assert not (run / "fused").exists()
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_fuse_in_blocks_of_rows_is_the_whole_layer_fuse(export_runs, monkeypatch, dequantize):
+    """Fused layers computed and written in blocks of rows (one row each here; most blocks then hold
+    no sampled row) give the same files, bit for bit, and the same survival figures."""
+    root = export_runs.trained("llama")
+    whole = _fuse_copy(root, f"rows-whole-{dequantize}", dequantize)
+    monkeypatch.setattr(p07_fuse_lora, "FUSE_ELEMENTS", 1)
+    blocks = _fuse_copy(root, f"rows-one-{dequantize}", dequantize)
+    a, b = (mx.load(str(r.path / "model.safetensors")) for r in (whole, blocks))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item(), k
+    for key in ("mean_survival", "min_survival", "mean_error", "max_error"):
+        assert blocks.survival["layers"][key] == pytest.approx(whole.survival["layers"][key], rel=1e-4), key
+    assert (blocks.delta_error is None) == dequantize
+    if not dequantize:
+        assert blocks.delta_error == pytest.approx(whole.delta_error, rel=1e-3)
+
+
+def _fuse_copy(root, run, dequantize):
+    copy_run(root, run)
+    return p07_fuse_lora.fuse(make_cfg(root, run=run, fuse__dequantize=dequantize, fuse__dtype="bfloat16"))
+
+
+def test_streamed_forward_in_blocks_of_rows(export_runs, monkeypatch):
+    """The streamed pass's float32 weights one row at a time give the logits of whole layers (up to
+    float32 summation order: BLAS blocks other shapes differently)."""
+    from pipeline import modeling
+
+    run = export_runs.trained("llama") / "t"
+    rows = [[1, 5, 9, 13], [2, 4]]
+    whole = modeling.forward_streamed(modeling.load_streamed(run / "base-quantized", run / "adapters"), rows)
+    monkeypatch.setattr(modeling, "STREAM_ELEMENTS", 1)
+    blocks = modeling.forward_streamed(modeling.load_streamed(run / "base-quantized", run / "adapters"), rows)
+    assert mx.abs(whole - blocks).max().item() <= FLOAT32_TOL
