@@ -31,10 +31,18 @@ MODELS = HERE / "runs"
 
 
 def prepared_fused() -> Path:
-    """bench.inputs' 1B run (base, data, 4-bit base, adapter) linked into a run of our own, fused once."""
+    """bench.inputs' 1B run (data, 4-bit base, adapter) linked into a run of our own, fused once;
+    base/ made by our 02 from the synthetic model's folder (hard links to it, as for a user's folder)."""
+    from pipeline.fsio import linked_bytes
+
     source = inputs.synthetic_run("1b")
     run_dir = MODELS / RUN
-    for part in ("base", "data", "base-quantized", "adapters"):
+    model = inputs.synthetic_model("1b")
+    if not (run_dir / "base" / "manifest.json").exists() or not linked_bytes(run_dir / "base", model):
+        print(f"[export] 02 base for the {RUN} run (hard links to {model})", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([*inputs.cli(), "base", *run_args()], check=True)
+    for part in ("data", "base-quantized", "adapters"):
         if not (run_dir / part / "manifest.json").exists():
             shutil.rmtree(run_dir / part, ignore_errors=True)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -46,9 +54,11 @@ def prepared_fused() -> Path:
     return run_dir
 
 
-def run_args() -> list[str]:
-    config = HERE / f"{RUN}.yaml"
+def run_args(keep_f16: bool = True) -> list[str]:
+    config = HERE / (f"{RUN}.yaml" if keep_f16 else f"{RUN}-working-f16.yaml")
     text = inputs.run_config("1b").read_text().replace("run: synthetic-1b", f"run: {RUN}")
+    if not keep_f16:
+        text = text.replace("\ngguf:\n", "\ngguf:\n  keep_unquantized: false\n")
     if not config.exists() or config.read_text() != text:
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(text)
@@ -57,11 +67,13 @@ def run_args() -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     from pipeline import llamacpp
-    from pipeline.fsio import disk_usage, human_size
+    from pipeline.fsio import disk_usage, human_size, linked_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="Q8_0", help="quantizations, comma-separated (default Q8_0)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--working-f16", action="store_true",
+                    help="gguf.keep_unquantized: false (the F16 a working file); the anchor then deletes its F16 too")
     args = ap.parse_args(argv)
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
 
@@ -82,14 +94,21 @@ def main(argv: list[str] | None = None) -> dict:
     f16 = by_hand / f"{RUN}-F16.gguf"
     steps = [f"{sys.executable} {converter} {fused} --outfile {f16} --outtype f16"]
     steps += [f"{quantize} {f16} {by_hand / f'{RUN}-{t}.gguf'} {t}" for t in types]
+    if args.working_f16:
+        steps.append(f"rm {f16}")
     anchor = Cmd(["bash", "-c", " && ".join(steps)], env=llamacpp.converter_env(), before=clean_anchor,
                  label=f"convert_hf_to_gguf.py --outtype f16 + llama-quantize {' '.join(types)}")
-    ours = Cmd([*inputs.cli(), "gguf", *run_args(), "--quantization", ",".join(types)], before=clean_ours,
-               label=f"mlx-pipeline gguf (08 hf + 09 F16, {', '.join(types)})")
+    ours = Cmd([*inputs.cli(), "gguf", *run_args(not args.working_f16), "--quantization", ",".join(types)],
+               before=clean_ours, label=f"mlx-pipeline gguf (08 hf + 09 F16, {', '.join(types)})"
+               + (", gguf.keep_unquantized false" if args.working_f16 else ""))
+    if args.working_f16:
+        anchor.label += f" + rm {f16.name}"
+    name = "export-08-09-vs-llama.cpp" + ("-working-f16" if args.working_f16 else "")
 
     base_bytes = disk_usage(run_dir)["folders"]["base"]["bytes"]
     what = (f"08+09 on the synthetic 1.2 B Llama fused --de-quantize (bf16, {human_size(base_bytes)}): "
-            f"F16 + {', '.join(types)}; ours vs llama.cpp's converter + quantizer by hand")
+            f"F16{' (working file)' if args.working_f16 else ''} + {', '.join(types)}; ours vs"
+            f" llama.cpp's converter + quantizer by hand")
     disk: dict = {}
 
     def measure_disk_after(side: str, cmd: Cmd) -> Cmd:
@@ -105,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         cmd.figures = figures
         return cmd
 
-    row = harness.compare("export-08-09-vs-llama.cpp", measure_disk_after("ours", ours),
+    row = harness.compare(name, measure_disk_after("ours", ours),
                           measure_disk_after("anchor", anchor), repeats=args.repeats, what=what,
                           extra={"types": types, "base_bytes": base_bytes})
     usage = disk["ours"]
@@ -113,7 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "folders": {k: v["bytes"] for k, v in usage["folders"].items()},
                          "shared_bytes": {k: v["shared_bytes"] for k, v in usage["folders"].items()
                                           if v["shared_bytes"]}}
-    harness.record("export-08-09-vs-llama.cpp", row)
+    # base/ is hard links to the model's folder (02): bytes the run did not add to the disk
+    linked = linked_bytes(run_dir, inputs.synthetic_model("1b"))
+    row["run_folder"].update(source_linked_bytes=linked, new_bytes=usage["total_bytes"] - linked,
+                             new_x_base=round((usage["total_bytes"] - linked) / base_bytes, 2))
+    harness.record(name, row)
     _print_table(row, base_bytes)
     return row
 
@@ -132,6 +155,8 @@ def _print_table(row: dict, base_bytes: int) -> None:
     shared = {k: round(v / 1e9, 2) for k, v in rf["shared_bytes"].items()}
     print(f"\nrun folder: {rf['total_bytes'] / 1e9:.2f} GB = {rf['x_base']}x the base model; {json.dumps(gb)} GB; "
           f"shared (hard links, counted once): {json.dumps(shared)} GB")
+    print(f"new bytes (less the model source's own files, hard-linked into base/): {rf['new_bytes'] / 1e9:.2f} GB "
+          f"= {rf['new_x_base']}x the base model")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ def _normal_modes(p: Path) -> None:
     for f in paths:
         if f.is_symlink() or not (f.is_file() or f.is_dir()):
             continue
+        if f.is_file() and f.stat().st_nlink > 1:  # hard-linked: also another folder's file, its modes stay
+            continue
         mode = f.stat().st_mode & 0o7777
         full = 0o777 if f.is_dir() or mode & 0o111 else 0o666
         if mode != full & ~umask:
@@ -281,9 +283,10 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
 # Hashes and sizes
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, given by path or as a file opened in binary mode (read from where it is)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -361,6 +364,14 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     return "copied"
 
 
+def same_file_system(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` (or b's nearest existing parent) are on one file system: hard links possible."""
+    b = Path(b).absolute()
+    while not b.exists():
+        b = b.parent
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
 def disk_usage(folder: str | os.PathLike) -> dict:
     """Bytes a folder holds, each file counted once however many hard links it has (as `du` does,
     in apparent size): total, and per top-level entry, where a file linked from two entries counts
@@ -381,6 +392,22 @@ def disk_usage(folder: str | os.PathLike) -> dict:
                 part["bytes"] += st.st_size
     return {"total_bytes": sum(p["bytes"] for p in parts.values()),
             "folders": {k: v for k, v in parts.items() if v["bytes"] or v["shared_bytes"]}}
+
+
+def linked_bytes(folder: str | os.PathLike, other: str | os.PathLike) -> int:
+    """Bytes of the files in `folder` that are hard links of files in `other` (each counted once):
+    what `folder` holds without having added it to the disk."""
+    theirs = {(st.st_dev, st.st_ino) for f in Path(other).rglob("*") if f.is_file() and (st := f.stat())}
+    seen, n = set(), 0
+    for f in Path(folder).rglob("*"):
+        if f.is_symlink() or not f.is_file():
+            continue
+        st = f.stat()
+        key = (st.st_dev, st.st_ino)
+        if key in theirs and key not in seen:
+            seen.add(key)
+            n += st.st_size
+    return n
 
 
 @contextlib.contextmanager

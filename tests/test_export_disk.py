@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,8 @@ def test_gguf_working_f16_removed_and_disk_reported(export_runs):
 
     fcfg, fused = export_runs.fused("llama", dequantize=True)
     root, run = fused.path.parents[1], fused.path.parent
-    convert_to_hf(make_cfg(root, run=fcfg.run))  # bf16: fused/'s own files
+    # no hf/: 09 runs 08 first (bf16: fused/'s own files, linked)
+    shutil.rmtree(run / "hf", ignore_errors=True)
     cfg = make_cfg(root, run=fcfg.run, gguf__quantizations="Q8_0", gguf__keep_unquantized=False)
     result = convert_to_gguf(cfg)
     assert not is_mlx_folder(run / "hf")  # 08's export, though its shards are fused/'s
@@ -110,11 +112,59 @@ def test_gguf_working_f16_removed_and_disk_reported(export_runs):
     assert disk["folders"]["gguf"]["bytes"] == others  # measured before its manifest was written
     assert disk["x_base"] == round(disk["total_bytes"] / disk["base_bytes"], 2)
     assert disk["folders"]["hf"]["shared_bytes"] > 0
+    assert disk["new_bytes"] == disk["total_bytes"] - disk["source_linked_bytes"]
+    # 08 run by 09 wrote hf/'s manifest after the converter (its hash taken meanwhile): the same record
+    hf_manifest = json.loads((run / "hf" / "manifest.json").read_text())
+    assert manifest["inputs"]["hf_content_hash"] == hf_manifest["outputs"]["content_hash"] == hash_model_dir(run / "hf")
 
     # Listed in gguf.quantizations, the unquantized file is an output again.
     result = convert_to_gguf(make_cfg(root, run=fcfg.run, gguf__quantizations="F16,Q8_0",
                                       gguf__keep_unquantized=False))
     assert list(result.files) == ["F16", "Q8_0"] and result.files["F16"].is_file()
+
+
+def test_hf_manifest_deferred_while_the_caller_works(export_runs):
+    """09's form of 08: hf/ in place at once, its manifest (content hash taken in a thread) written
+    by finish(); until then hf/ is incomplete, as after a crash, and a re-run makes it again."""
+    fcfg, fused = export_runs.fused("llama", dequantize=True)
+    root = fused.path.parents[1]
+    result = convert_to_hf(make_cfg(root, run=fcfg.run), defer_manifest=True)
+    hf = result.path
+    assert _inodes(hf) == _inodes(fused.path)
+    assert not (hf / "manifest.json").exists()
+    result.finish()
+    manifest = json.loads((hf / "manifest.json").read_text())
+    assert manifest["outputs"]["content_hash"] == hash_model_dir(hf)
+    assert manifest["outputs"]["shards_from_fused"] == "hard-linked"
+    # not linked (another dtype): written the usual way, the manifest already there
+    written = convert_to_hf(make_cfg(root, run=fcfg.run, export__dtype="float32"), defer_manifest=True)
+    assert (written.path / "manifest.json").is_file()
+    written.finish()
+
+
+def test_linked_bytes_counts_files_shared_with_another_folder(tmp_path):
+    src, run = tmp_path / "src", tmp_path / "run"
+    (run / "base").mkdir(parents=True)
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"x" * 1000)
+    (src / "config.json").write_bytes(b"{}")
+    os.link(src / "w.bin", run / "base" / "w.bin")
+    os.link(src / "w.bin", run / "base" / "w2.bin")  # the same inode twice: counted once
+    (run / "base" / "config.json").write_bytes(b"{}")  # a copy: new bytes
+    assert fsio.linked_bytes(run, src) == 1000
+    assert fsio.linked_bytes(run, tmp_path / "empty-or-missing") == 0
+
+
+def test_atomic_path_leaves_a_hard_linked_files_modes(tmp_path):
+    theirs = tmp_path / "theirs.bin"
+    theirs.write_bytes(b"w")
+    theirs.chmod(0o440)
+    with fsio.atomic_path(tmp_path / "out") as tmp:
+        tmp.mkdir()
+        os.link(theirs, tmp / "w.bin")
+        (tmp / "own.json").write_bytes(b"{}")
+    assert theirs.stat().st_mode & 0o777 == 0o440
+    assert (tmp_path / "out" / "w.bin").stat().st_ino == theirs.stat().st_ino
 
 
 def test_disk_usage_counts_a_hard_linked_file_once(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -284,7 +285,56 @@ def test_quantize_corrupt_weights_fails_clearly(tiny_hf_model, tmp_path):
     cfg = make_cfg(tmp_path, tiny_hf_model("llama"))
     fetch_base_model(cfg)
     weights = tmp_path / "t" / "base" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    # damaged by a new file under the name: base/'s weights are hard links to the shared fixture's
+    cut = weights.with_suffix(".cut")
+    cut.write_bytes(weights.read_bytes()[:1000])
+    os.replace(cut, weights)
     with pytest.raises(PipelineError, match="model.safetensors"):
         quantize_base_model(cfg)
     assert not (tmp_path / "t" / "base-quantized").exists()
+
+
+def test_base_hard_links_a_local_folder_and_never_changes_it(tiny_hf_model, tmp_path):
+    """02 links a local folder's weights (no second copy on disk). Nothing the pipeline does to base/
+    writes through the link: config.json is normalised into a new file, modes stay the source's,
+    and a second 02 (or a deleted run) leaves the source's files as they were."""
+    from pipeline.fsio import hash_model_dir
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf_model("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": config.pop("rope_theta"), "rope_type": "default"}
+    (src / "config.json").write_text(json.dumps(config))  # normalised by 02: rewritten in base/
+    weights = sorted(src.glob("*.safetensors"))
+    for f in weights:
+        f.chmod(0o440)  # a mode atomic_path would otherwise "normalise" to 0644
+    before = {f.name: (f.read_bytes(), f.stat().st_mode, f.stat().st_mtime_ns) for f in src.iterdir()}
+    source_hash = hash_model_dir(src)
+    cfg = make_cfg(tmp_path / "models", src)
+    result = fetch_base_model(cfg)
+    base = result.path
+    assert result.source["weights"] == "hard-linked"
+    for f in weights:
+        assert (base / f.name).stat().st_ino == f.stat().st_ino
+    assert (base / "config.json").stat().st_ino != (src / "config.json").stat().st_ino
+    assert "rope_theta" in json.loads((base / "config.json").read_text())
+    quantize_base_model(cfg)  # reads the linked weights
+    fetch_base_model(cfg)  # replaces base/ (a rename; the old folder's links removed)
+    shutil.rmtree(base)
+    after = {f.name: (f.read_bytes(), f.stat().st_mode, f.stat().st_mtime_ns) for f in src.iterdir()}
+    assert after == before and hash_model_dir(src) == source_hash
+
+
+def test_base_copies_across_file_systems(tiny_hf_model, tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    models = Path(shm / f"p02-test-{os.getpid()}")
+    try:
+        result = fetch_base_model(make_cfg(models, tiny_hf_model("llama")))
+        assert result.source["weights"] == "copied"
+        for f in tiny_hf_model("llama").glob("*.safetensors"):
+            assert (result.path / f.name).read_bytes() == f.read_bytes()
+            assert (result.path / f.name).stat().st_ino != f.stat().st_ino
+    finally:
+        shutil.rmtree(models, ignore_errors=True)

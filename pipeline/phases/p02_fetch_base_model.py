@@ -19,7 +19,16 @@ import click
 from .. import arch
 from ..embedded import embedded_gguf
 from ..errors import MissingInputError, PipelineError
-from ..fsio import atomic_path, check_not_inside, dir_size, hash_model_dir, human_size, write_json
+from ..fsio import (
+    atomic_path,
+    check_not_inside,
+    dir_size,
+    hash_model_dir,
+    human_size,
+    link_or_copy,
+    same_file_system,
+    write_json,
+)
 from ..manifest import write_manifest
 from ..paths import RunPaths
 from ..untrusted import check_gguf, check_safetensors
@@ -44,7 +53,7 @@ def fetch_base_model(cfg) -> FetchResult:
     started = start_phase(cfg, "02 fetch base model", ["model"])
     out = RunPaths(cfg).base
     source = cfg.model.source
-    with atomic_path(out, expected_bytes=_expected_bytes(source), what="the base model") as tmp:
+    with atomic_path(out, expected_bytes=_expected_bytes(source, out), what="the base model") as tmp:
         tmp.mkdir(parents=True)
         if source.startswith("embedded:"):
             info = import_gguf(embedded_gguf(source.split(":", 1)[1]), tmp, cfg.model.dtype)
@@ -79,16 +88,17 @@ def fetch_base_model(cfg) -> FetchResult:
     return FetchResult(out, info, changes, size)
 
 
-def _expected_bytes(source: str) -> int | None:
-    """What 02 will write, for the free-space check: a folder's weights; a GGUF imported to
-    16-bit takes about twice a Q8_0 file (more for 4-bit files: the disk-full error covers it)."""
+def _expected_bytes(source: str, out: Path) -> int | None:
+    """What 02 will write, for the free-space check: a folder's weights (nothing when they can be
+    hard-linked: same file system); a GGUF imported to 16-bit takes about twice a Q8_0 file (more
+    for 4-bit files: the disk-full error covers it)."""
     if source.startswith("embedded:"):
         return 2 * embedded_gguf(source.split(":", 1)[1]).stat().st_size
     path = Path(source)
     if path.is_file():
         return 2 * path.stat().st_size
     if path.is_dir():
-        return dir_size(path, "*.safetensors")
+        return dir_size(path) - (dir_size(path, "*.safetensors") if same_file_system(path, out) else 0)
     return None  # a Hub repo: size unknown before the download
 
 
@@ -143,6 +153,11 @@ def _check_gguf_arch(path: Path, name: str | None) -> None:
 
 
 def copy_local(src: Path, out: Path) -> dict:
+    """The folder's model files into `out`. Weights are hard-linked on the same file system (a copy
+    otherwise): no second copy of the model on disk. Safe for the source: nothing in the pipeline
+    writes into base/ in place (02's own edits of config.json, a copy, go through atomic_path:
+    a new file renamed over the name), and atomic_path leaves a linked file's modes alone. A source
+    file edited in place later changes base/ too: its manifest's size/mtime check then names it."""
     if not src.is_dir():
         raise MissingInputError(f"{src} is not a folder. Give a Hugging Face model folder, a .gguf file or a repo id.")
     if not (src / "config.json").is_file():
@@ -155,12 +170,17 @@ def copy_local(src: Path, out: Path) -> dict:
     for f in sorted(src.glob("*.safetensors")):
         check_safetensors(f)
     custom = _custom_code(src)
+    weights = set()
     for f in src.iterdir():  # never *.py: nothing from the folder is ever imported
-        if f.is_file() and (f.suffix in COPY_SUFFIXES or f.name.startswith("tokenizer")):
+        if f.is_file() and f.suffix == ".safetensors":
+            weights.add(link_or_copy(f, out / f.name))
+        elif f.is_file() and (f.suffix in COPY_SUFFIXES or f.name.startswith("tokenizer")):
             shutil.copy2(f, out / f.name)
     if custom:
         _drop_auto_map(out)
-    return {"kind": "local", "path": str(src.resolve())}
+    how = "copied" if "copied" in weights else "hard-linked"
+    click.echo(f"weights {how} from {src}" + (" (no second copy on disk)" if how == "hard-linked" else ""))
+    return {"kind": "local", "path": str(src.resolve()), "weights": how}
 
 
 def _custom_code(src: Path) -> str:

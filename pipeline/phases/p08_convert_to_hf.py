@@ -16,6 +16,7 @@ copied; 07 replaces fused/ by rename, so a re-fuse never changes the files hf/ s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,14 @@ class HFResult:
     shards: list[str]
     size_bytes: int
     config_changes: list[str]
+    finish: Callable[[], None] = lambda: None  # writes a deferred manifest (convert_to_hf's doc)
 
 
-def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
-    import mlx.core as mx
-
+def convert_to_hf(cfg, paths: RunPaths | None = None, defer_manifest: bool = False) -> HFResult:
+    """`defer_manifest` (09, which converts hf/ next): when the shards are fused/'s own files (hard
+    links), hf/ is put in place without its manifest, its content hash is computed in a thread while
+    the caller works (llama.cpp's converter reads the same pages), and `HFResult.finish()` writes the
+    manifest. Until then hf/ counts as incomplete, as after a crash: the next run makes it again."""
     given = isinstance(paths, GivenPaths)  # the guides' form: --mlx-model DIR --output-dir DIR
     started = start_phase(cfg, "08 convert to Hugging Face", ["export"], given=paths.given if given else None)
     paths = paths or RunPaths(cfg)
@@ -88,6 +92,8 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
         weights, row_blocks, (shared, names) = {}, {}, shared
         n_tensors, tied = len(names), "lm_head.weight" not in names
     else:
+        import mlx.core as mx  # only here: linking the shards needs no MLX
+
         row_blocks = {}  # dequantized tensors are written a block of rows at a time
         weights, mlx_config = dense_weights(paths.fused, getattr(mx, cfg.export.dtype), row_blocks)
         weights = architecture.to_hf_weights(weights, mlx_config)
@@ -111,20 +117,26 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
             ids = ("bos_token_id", "eos_token_id", "pad_token_id")
             write_json(tmp / "generation_config.json", {k: config[k] for k in ids if k in config})
         size = dir_size(tmp, "*.safetensors")
-        write_manifest(
-            tmp, "08_convert_to_hf", cfg, started,
-            inputs={
-                "fused": {"path": str(paths.fused),
-                          "content_hash": (fused_manifest.get("outputs", {}).get("content_hash")
-                                           or hash_model_dir(paths.fused)),
-                          "dequantized": fused_manifest.get("dequantized")},
-                "config": str(config_dir / "config.json"),
-            },
-            outputs={"path": str(out), "content_hash": hash_model_dir(tmp), "shards": shards, "size_bytes": size,
-                     "tensors": n_tensors, "shards_from_fused": how if shared else None},
-            config_changes=changes,
-            copied=copied,
-        )
+        fused_hash = fused_manifest.get("outputs", {}).get("content_hash") or hash_model_dir(paths.fused)
+
+        def manifest(folder: Path, content_hash: str) -> None:
+            write_manifest(
+                folder, "08_convert_to_hf", cfg, started,
+                inputs={
+                    "fused": {"path": str(paths.fused), "content_hash": fused_hash,
+                              "dequantized": fused_manifest.get("dequantized")},
+                    "config": str(config_dir / "config.json"),
+                },
+                outputs={"path": str(out), "content_hash": content_hash, "shards": shards, "size_bytes": size,
+                         "tensors": n_tensors, "shards_from_fused": how if shared else None},
+                config_changes=changes,
+                copied=copied,
+            )
+
+        deferred = bool(shared) and defer_manifest
+        if not deferred:
+            manifest(tmp, hash_model_dir(tmp))
+    finish = _hashed_later(out, manifest) if deferred else (lambda: None)
     if shared:
         click.echo(f"{n_tensors} tensors in {len(shards)} shard(s), {human_size(size)} ({cfg.export.dtype}): "
                    f"{how} from {paths.fused} (the same tensors, so no second copy on disk)")
@@ -133,4 +145,15 @@ def convert_to_hf(cfg, paths: RunPaths | None = None) -> HFResult:
     for c in changes:
         click.echo(f"config.json: {c}")
     done(f"Hugging Face model ready: {out}")
-    return HFResult(out, cfg.export.dtype, shards, size, changes)
+    return HFResult(out, cfg.export.dtype, shards, size, changes, finish)
+
+
+def _hashed_later(folder: Path, manifest: Callable[[Path, str], None]) -> Callable[[], None]:
+    """Start hashing `folder` in a thread (hashlib releases the GIL, so it runs beside the caller's
+    next step); the returned call waits for the hash and writes the manifest with it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hf-hash")
+    job = pool.submit(hash_model_dir, folder)
+    pool.shutdown(wait=False)
+    return lambda: manifest(folder, job.result())

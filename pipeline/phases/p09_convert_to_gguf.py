@@ -19,6 +19,7 @@ Output: models/<run>/gguf/<run>-*.gguf, and manifest.json listing each file with
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ from ..fsio import (
     gguf_size_estimate,
     hash_model_dir,
     human_size,
+    linked_bytes,
     scratch_file,
     sha256_file,
 )
@@ -69,8 +71,9 @@ def convert_to_gguf(cfg) -> GGUFResult:
     if cfg.gguf.imatrix:
         for name in ("llama-imatrix", "llama-quantize"):  # fail early, naming how to build them
             llamacpp.tool(name)
-    hf = _hf_input(cfg, paths)
-    hf_manifest = read_manifest(hf, "hf")
+    hf, finish_hf = _hf_input(cfg, paths)
+    # hf/ made just now may have its manifest still coming (its hash runs beside the converter)
+    hf_manifest = read_manifest(hf, "hf") if finish_hf is None else None
     model_type = check_convertible(hf)
     check_weight_files(hf)  # headers validated before the converter (or our size estimate) reads them
 
@@ -92,20 +95,29 @@ def convert_to_gguf(cfg) -> GGUFResult:
     # then a working file, removed at the end (the largest file, and no export anyone asked for).
     keep_source = cfg.gguf.keep_unquantized or outtype in [q.upper() for q in cfg.gguf.quantizations]
     with contextlib.ExitStack() as stack:
-        source = files[outtype] if keep_source else stack.enter_context(scratch_file(files[outtype]))
+        # The unquantized file stays under its temporary name until every file made from it exists:
+        # the quantizer reads it meanwhile, while its fsync and hash run in threads beside the quantizer.
+        source = stack.enter_context(atomic_path(files[outtype]) if keep_source else scratch_file(files[outtype]))
         for t in types:
             t0 = time.time()
-            with contextlib.nullcontext(source) if t == outtype and not keep_source else atomic_path(files[t]) as tmp:
-                if t == outtype:
-                    _step(next(steps), total, t, f"llama.cpp's converter on {hf}" + ("" if keep_source else
-                                                                                      " (a working file)"))
-                    _convert(hf, tmp, cfg.gguf.outtype)
-                else:
-                    _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
-                    llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
-            _record(timings, t, source if t == outtype else files[t], t0)
-            if t != outtype or keep_source:
-                hashes.add(files[t])
+            if t == outtype:
+                _step(next(steps), total, t, f"llama.cpp's converter on {hf}" + ("" if keep_source else
+                                                                                  " (a working file)"))
+                try:
+                    _convert(hf, source, cfg.gguf.outtype)
+                finally:
+                    if finish_hf is not None:  # 08's manifest, its hash taken while the converter ran
+                        finish_hf()
+                        hf_manifest = read_manifest(hf, "hf")
+                _record(timings, t, source, t0)
+                if keep_source:
+                    hashes.add(files[t], source, fsync=True)
+                continue
+            with atomic_path(files[t]) as tmp:
+                _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
+                llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
+                hashes.add(files[t], tmp)  # hashed while atomic_path syncs and renames it
+            _record(timings, t, files[t], t0)
         if imatrix_types:
             _step(next(steps), total, "imatrix",
                   f"llama-imatrix over {paths.data}/train.jsonl through the chat template")
@@ -268,14 +280,33 @@ class BackgroundHashes:
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.pool, self.jobs = ThreadPoolExecutor(1, thread_name_prefix="sha256"), {}
+        self.pool, self.jobs = ThreadPoolExecutor(2, thread_name_prefix="sha256"), {}
 
-    def add(self, path: Path) -> None:
-        self.jobs[Path(path)] = self.pool.submit(sha256_file, path)
+    def add(self, final: Path, path: Path | None = None, fsync: bool = False) -> None:
+        """Hash `path` (default `final`), recorded as `final`'s. The file is opened here, so that a
+        rename of `path` into place right after does not race the thread. `fsync`: also flush it to
+        disk in the other thread (atomic_path's own fsync before the rename then finds nothing to do)."""
+        if fsync:
+            self.pool.submit(_fsync_and_close, open(path or final, "rb"))  # noqa: SIM115 (closed by the job)
+        self.jobs[Path(final)] = self.pool.submit(_sha256_and_close, open(path or final, "rb"))  # noqa: SIM115
 
     def get(self, path: Path) -> str | None:
         job = self.jobs.get(Path(path))
         return job.result() if job else None
+
+
+def _fsync_and_close(f) -> None:
+    try:
+        os.fsync(f.fileno())
+    finally:
+        f.close()
+
+
+def _sha256_and_close(f) -> str:
+    try:
+        return sha256_file(f)
+    finally:
+        f.close()
 
 
 def is_mlx_folder(model_dir: Path) -> bool:
@@ -414,13 +445,14 @@ def _make_imatrix(cfg, paths: RunPaths, hf: Path, model_gguf: Path) -> dict:
     return {**calib, **stats, "path": str(folder / "imatrix.gguf"), "sha256": sha256_file(folder / "imatrix.gguf")}
 
 
-def _hf_input(cfg, paths: RunPaths) -> Path:
-    """hf/ from phase 08; when only phase 07 ran, or fused/ changed since, run 08 first."""
+def _hf_input(cfg, paths: RunPaths):
+    """hf/ from phase 08; when only phase 07 ran, or fused/ changed since, run 08 first. Returns
+    (hf/, None), or (hf/, finish) when 08 ran here and left its manifest to `finish()` (p08's doc)."""
     fused = read_manifest(paths.fused, "fuse") if (paths.fused / MANIFEST).is_file() else None
     if (paths.hf / MANIFEST).is_file():
         recorded = read_manifest(paths.hf, "hf").get("inputs", {}).get("fused", {}).get("content_hash")
         if fused is None or is_current(recorded, fused):
-            return paths.hf
+            return paths.hf, None
         click.echo(f"{paths.hf} was exported from an earlier fused model: exporting {paths.fused} again (phase 08).")
     if fused is not None:
         check_model_type(paths.fused)  # fail before a long export
@@ -428,8 +460,7 @@ def _hf_input(cfg, paths: RunPaths) -> Path:
             click.echo(f"{paths.hf} is missing: converting {paths.fused} to Hugging Face first (phase 08).")
         from .p08_convert_to_hf import convert_to_hf
 
-        convert_to_hf(cfg)
-        return paths.hf
+        return paths.hf, convert_to_hf(cfg, defer_manifest=True).finish
     raise MissingInputError(
         f"Neither {paths.hf} nor {paths.fused} is complete (no {MANIFEST}). "
         "Run `make fuse` (or `mlx-pipeline fuse`) first; `make gguf` runs it for you."
@@ -496,12 +527,20 @@ def run_disk_report(paths: RunPaths) -> dict:
     against its base model: the figure a phase that keeps needless full-precision copies inflates."""
     usage = disk_usage(paths.root)
     base = usage["folders"].get(paths.base.name, {}).get("bytes", 0)
-    return {**usage, "base_bytes": base, "x_base": round(usage["total_bytes"] / base, 2) if base else None}
+    # 02 hard-links a local source's weights: those bytes were on the disk before the run
+    source = Path(paths.cfg.model.source) if not str(paths.cfg.model.source).startswith("embedded:") else None
+    linked = linked_bytes(paths.root, source) if source is not None and source.is_dir() else 0
+    new = usage["total_bytes"] - linked
+    return {**usage, "base_bytes": base, "x_base": round(usage["total_bytes"] / base, 2) if base else None,
+            "source_linked_bytes": linked, "new_bytes": new, "new_x_base": round(new / base, 2) if base else None}
 
 
 def format_disk(disk: dict) -> str:
     x = f" = {disk['x_base']}x the base model" if disk.get("x_base") else ""
     lines = [f"\nrun folder on disk: {human_size(disk['total_bytes'])}{x} (hard-linked files counted once)"]
+    if disk.get("source_linked_bytes"):
+        lines.append(f"  of which {human_size(disk['source_linked_bytes'])} are the model source's own files "
+                     f"(hard links): {human_size(disk['new_bytes'])} new = {disk['new_x_base']}x the base model")
     for name, part in sorted(disk["folders"].items(), key=lambda kv: -kv[1]["bytes"]):
         shared = f" (+{human_size(part['shared_bytes'])} shared)" if part["shared_bytes"] else ""
         lines.append(f"  {name + '/':<18} {human_size(part['bytes']):>9}{shared}")
