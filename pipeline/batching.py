@@ -29,6 +29,11 @@ class Batch:
     mask: object     # mx.array float32 (rows, length - 1): 1 where the target token is trained
     real_tokens: int  # tokens that are not padding
     positions: int    # rows x (length - 1): what the model computes on
+    # The trained targets as flat positions into (rows x (length - 1)), mx.array int32 (K,), and
+    # their weights (K,): 1, then 0 for the padding that rounds K like the widths (fewer compiled
+    # shapes). The loss needs logits only there (pipeline/trainer.py: masked_loss).
+    trained: object = None
+    weight: object = None
 
 
 def epoch_plan(lengths: list[int], batch_size: int, window: int, seed: int, epoch: int) -> list[list[int]]:
@@ -105,7 +110,14 @@ def collate(encoded: list, rows: list[int], max_length: int) -> Batch:
         tokens[r, :len(ids)] = ids
         mask[r, :len(m)] = m
     real = sum(len(ids) for ids, _ in seqs)
-    return Batch(mx.array(tokens), mx.array(mask[:, 1:]), real - len(seqs), len(seqs) * (width - 1))
+    targets = mask[:, 1:]
+    trained = np.flatnonzero(targets).astype(np.int32)
+    k = min(padded_width(max(len(trained), 1)), targets.size)
+    weight = np.zeros(k, np.float32)
+    weight[: len(trained)] = 1.0
+    trained = np.concatenate([trained, np.zeros(k - len(trained), np.int32)])
+    return Batch(mx.array(tokens), mx.array(targets), real - len(seqs), len(seqs) * (width - 1),
+                 mx.array(trained), mx.array(weight))
 
 
 def rank_share(rows: list[int], rank: int, size: int) -> list[int]:

@@ -76,14 +76,49 @@ class LoopResult:
     counts: dict = field(default_factory=dict)
 
 
-def masked_loss(model, tokens, mask):
-    """(sum of the cross-entropy over the trained targets, their number)."""
+def masked_loss(model, tokens, mask, trained, weight):
+    """(sum of the cross-entropy over the trained targets, their number). `mask`: 1 at each trained
+    target; `trained`: their flat positions in (rows x (length - 1)) and `weight` 1 for each (0 for
+    padding), as collate makes them. When they cover every position (nothing masked, e.g. plain
+    text), the logits of all positions are computed, as before: the gather would only add work."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    logits = model(tokens[:, :-1])
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]).astype(mx.float32) * mask
-    return ce.sum(), mask.sum()
+    if trained.size >= mask.size:
+        ce = nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).astype(mx.float32) * mask
+        return ce.sum(), mask.sum()
+    logits = logits_at(model, tokens[:, :-1], trained)
+    targets = tokens[:, 1:].reshape(-1)[trained]
+    ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32) * weight
+    return ce.sum(), weight.sum()
+
+
+class _Gathered:
+    """Stands in for a mlx-lm model's decoder (`model.model`) during one call: the decoder's hidden
+    states at the flat positions only, so that the model's own head (tied or not, scaled or not)
+    runs on those alone. Attribute reads (`embed_tokens` of a tied head) go to the decoder."""
+
+    def __init__(self, decoder, positions):
+        self.decoder, self.positions = decoder, positions
+
+    def __call__(self, *args, **kwargs):
+        hidden = self.decoder(*args, **kwargs)
+        return hidden.reshape(-1, hidden.shape[-1])[self.positions][None]
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+
+def logits_at(model, inputs, positions):
+    """The logits of a mlx-lm model at flat positions of (rows x length) inputs only, (K, vocab).
+    The head is a large part of a step (49 k x 576 of SmolLM2's 135 M parameters, 128 k x 2048 of a
+    1 B Llama 3) and the loss needs it only on the trained targets: masked prompts and padding skip it."""
+    decoder = model["model"]
+    dict.__setitem__(model, "model", _Gathered(decoder, positions))  # not Module.__setattr__: no new parameters
+    try:
+        return model(inputs)[0]
+    finally:
+        dict.__setitem__(model, "model", decoder)
 
 
 def evaluate(model, encoded: list, batches: list[list[int]], max_length: int, ranks: Ranks | None = None) -> float:
@@ -96,7 +131,7 @@ def evaluate(model, encoded: list, batches: list[list[int]], max_length: int, ra
         mine = rank_share(rows, ranks.rank, ranks.size)
         if mine:
             b = collate(encoded, mine, max_length)
-            loss, n = masked_loss(model, b.tokens, b.mask)
+            loss, n = masked_loss(model, b.tokens, b.mask, b.trained, b.weight)
             total = total + mx.stack([loss, n.astype(mx.float32)])
             mx.eval(total)
     loss, n = ranks.sum(total).tolist()
@@ -121,8 +156,8 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
     grad_state = [model.state, mx.random.state]
 
     @partial(mx.compile, inputs=grad_state, outputs=grad_state)
-    def gradients(tokens, mask):
-        (loss, n), grads = loss_and_grad(model, tokens, mask)
+    def gradients(tokens, mask, trained, weight):
+        (loss, n), grads = loss_and_grad(model, tokens, mask, trained, weight)
         return loss, n, grads
 
     update_state = [model.state, optimizer.state]
@@ -222,7 +257,7 @@ def train_loop(model, optimizer, train_enc: list, valid_enc: list, cfg, work: Pa
                 mine = rank_share(batches.next(), ranks.rank, ranks.size)
                 for m in range(accumulate):
                     b = collate(train_enc, mine[m * per_micro:(m + 1) * per_micro], max_len)
-                    loss, n, g = gradients(b.tokens, b.mask)
+                    loss, n, g = gradients(b.tokens, b.mask, b.trained, b.weight)
                     grads = g if grads is None else tree_map(mx.add, grads, g)
                     totals = totals + mx.stack([loss, n.astype(mx.float32), mx.array(float(b.real_tokens)),
                                                 mx.array(float(b.positions))])

@@ -271,7 +271,7 @@ def test_masked_loss_is_the_mean_cross_entropy_of_the_trained_targets(tiny_hf_mo
     rng = np.random.default_rng(0)
     encoded = [Encoded(list(rng.integers(5, 400, n)), [0] * 3 + [1] * (n - 3)) for n in (9, 14)]
     batch = collate(encoded, [0, 1], 512)
-    loss_sum, n = masked_loss(model, batch.tokens, batch.mask)
+    loss_sum, n = masked_loss(model, batch.tokens, batch.mask, batch.trained, batch.weight)
     logits = np.array(model(batch.tokens[:, :-1]).astype(mx.float32), dtype=np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
@@ -279,6 +279,46 @@ def test_masked_loss_is_the_mean_cross_entropy_of_the_trained_targets(tiny_hf_mo
     picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
     assert n.item() == mask.sum() == (9 - 3) + (14 - 3)
     assert abs(loss_sum.item() / n.item() - (-(picked * mask).sum() / mask.sum())) < 1e-4
+
+
+def test_head_only_at_trained_targets_gives_the_full_logits_loss_and_gradients(tiny_model_dir):
+    """masked_loss runs each architecture's own head (tied or not, Granite's logits scaling) on the
+    trained positions only: its loss and LoRA gradients equal those of the full logits, masked."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from pipeline.batching import collate
+    from pipeline.data.trained_tokens import Encoded
+    from pipeline.trainer import masked_loss
+
+    model, _ = load(str(tiny_model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, 1, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    # LoRA's B starts at 0 (A's gradients would be 0): move every adapter value a little.
+    model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))
+    rng = np.random.default_rng(1)
+
+    def full(model, tokens, mask):
+        ce = nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]) * mask
+        return ce.sum(), mask.sum()
+
+    prompts = [Encoded(list(rng.integers(5, 400, n)), [0] * 4 + [1] * (n - 6) + [0, 1]) for n in (11, 17, 8)]
+    text = [Encoded(list(rng.integers(5, 400, 17)), [1] * 17) for _ in range(2)]  # every target trained
+    for encoded, gathered in ((prompts, True), (text, False)):
+        batch = collate(encoded, list(range(len(encoded))), 512)
+        n = sum(sum(e.mask[1:]) for e in encoded)  # targets are the tokens after the first
+        assert int(batch.weight.sum().item()) == int(batch.mask.sum().item()) == n
+        assert batch.trained.shape[0] >= n  # rounded like the widths, the padding weighing 0
+        assert (batch.trained.size < batch.mask.size) == gathered  # else all positions' logits, as before
+        (a, n_a), g_a = nn.value_and_grad(model, full)(model, batch.tokens, batch.mask)
+        (b, n_b), g_b = nn.value_and_grad(model, masked_loss)(model, batch.tokens, batch.mask, batch.trained,
+                                                              batch.weight)
+        assert n_a.item() == n_b.item() == n
+        assert abs(a.item() - b.item()) <= 1e-4 * abs(a.item())
+        for (k, x), (_, y) in zip(tree_flatten(g_a), tree_flatten(g_b)):
+            assert np.allclose(np.array(x), np.array(y), rtol=1e-3, atol=1e-6), k
 
 
 def test_data_parallel_settings_that_cannot_work_are_refused_before_launch(tmp_path):
