@@ -1,15 +1,17 @@
 """07 fuse vs `mlx_lm fuse`, both ways (--de-quantize and not), and 03 quantize vs `mlx_lm convert -q`.
 
     python -m bench.fuse                  # fuse both ways x 2 repeats (make bench)
+    python -m bench.fuse --strict         # and --no-dequantize --strict (end-to-end check measured)
     python -m bench.fuse --quantize       # and 03 quantize vs mlx_lm convert -q, x 1
 
 Input: bench.inputs' synthetic 1.2 B Llama (bf16), its 4-bit base and 2-iteration adapter (all
 layers), linked into a run of its own under bench/work/fuse/ so that fused/ of the shared run
-is never touched. Ours: `mlx-pipeline fuse` (survival checks included: per layer, and end to end
-on validation rows). Anchor: `mlx_lm fuse` on the same 4-bit base and adapter folder (mlx-lm
-reads our adapters/ as it is: adapters.safetensors + adapter_config.json), `--dequantize` for the
-de-quantized side. Quantize: `mlx-pipeline quantize` (4-bit, group 64) vs `mlx_lm convert -q`
-with the same bits and group on the same base/.
+is never touched. Ours: `mlx-pipeline fuse` with its survival checks: per layer (sampled rows), and
+end to end on validation rows where 07 runs it (at 1.2 B: --de-quantize is exact per layer, so
+skipped; --no-dequantize only with --strict, the `--strict` row). Anchor: `mlx_lm fuse` on the
+same 4-bit base and adapter folder (mlx-lm reads our adapters/ as it is: adapters.safetensors +
+adapter_config.json), `--dequantize` for the de-quantized side. Quantize: `mlx-pipeline quantize`
+(4-bit, group 64) vs `mlx_lm convert -q` with the same bits and group on the same base/.
 Recorded: median wall time and peak RSS and their ratios, and peak RSS / output size (the
 target: <= 1.1x; wall ratio <= 1.0).
 """
@@ -76,20 +78,28 @@ def with_output_ratio(name: str, row: dict, ours_out: Path, anchor_out: Path) ->
     return row
 
 
-def bench_fuse(repeats: int) -> list[dict]:
+MODES = {"dequantize": (["--de-quantize"], ["--dequantize"]), "no-dequantize": (["--no-dequantize"], []),
+         "no-dequantize-strict": (["--no-dequantize", "--strict"], [])}
+WHAT = {"dequantize": "survival: per layer; end to end skipped, exact per layer",
+        "no-dequantize": "survival: per layer; end to end not run above 0.5 B without --strict",
+        "no-dequantize-strict": "survival: per layer and end to end (KL on 1 validation row)"}
+
+
+def bench_fuse(repeats: int, modes: tuple[str, ...] = ("dequantize", "no-dequantize")) -> list[dict]:
     run_dir = linked_run(RUN, ("base", "data", "base-quantized", "adapters"))
     ours_out, anchor_out = run_dir / "fused", HERE / "mlx-lm-fused"
     rows = []
-    for mode, ours_flag, anchor_flags in (("dequantize", "--de-quantize", ["--dequantize"]),
-                                          ("no-dequantize", "--no-dequantize", [])):
-        ours = Cmd([*inputs.cli(), "fuse", ours_flag, *run_args(RUN)], env=env(),
+    for mode in modes:
+        ours_flags, anchor_flags = MODES[mode]
+        ours_flag = " ".join(ours_flags)
+        ours = Cmd([*inputs.cli(), "fuse", *ours_flags, *run_args(RUN)], env=env(),
                    before=removed(ours_out), label=f"mlx-pipeline fuse {ours_flag}")
         anchor = Cmd([harness.python(), "-m", "mlx_lm", "fuse", "--model", str(run_dir / "base-quantized"),
                       "--adapter-path", str(run_dir / "adapters"), "--save-path", str(anchor_out), *anchor_flags],
                      env=env(), before=removed(anchor_out), label=f"mlx_lm fuse {' '.join(anchor_flags)}")
         name = f"fuse-{mode}"
         row = harness.compare(name, ours, anchor, repeats,
-                              what=f"07 fuse {ours_flag} (survival checks included) vs mlx_lm fuse, "
+                              what=f"07 fuse {ours_flag} ({WHAT[mode]}) vs mlx_lm fuse, "
                                    "synthetic 1.2 B Llama, 4-bit base, LoRA r8 on all 7 projections x 16 layers")
         rows.append(with_output_ratio(name, row, ours_out, anchor_out))
     return rows
@@ -131,9 +141,12 @@ def main(argv: list[str] | None = None) -> list:
     # Off by default: ~40 s more, and make bench has 4 minutes for this module (measured 2026-12-01,
     # shared 2-core machine at load 8-10: fuse 320 s, quantize 37 s; 03 was 0.93-1.14x, peak 0.59x input).
     ap.add_argument("--quantize", action="store_true", help="also 03 quantize vs mlx_lm convert -q")
+    ap.add_argument("--strict", action="store_true",
+                    help="also fuse --no-dequantize --strict (end-to-end check measured; ~15 s more per run)")
     args = ap.parse_args(argv if argv is not None else [])
     t0 = time.perf_counter()
-    rows = list(zip(("fuse --de-quantize", "fuse --no-dequantize"), bench_fuse(args.repeats), strict=True))
+    modes = ("dequantize", "no-dequantize") + (("no-dequantize-strict",) if args.strict else ())
+    rows = list(zip((f"fuse {' '.join(MODES[m][0])}" for m in modes), bench_fuse(args.repeats, modes), strict=True))
     if args.quantize:
         rows.append(("quantize 4-bit", bench_quantize(args.quantize_repeats)))
     print(table(rows))
