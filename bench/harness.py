@@ -1,7 +1,8 @@
 """Run ours and the anchor on the same input, interleaved, and record medians and ratios.
 
-Each measured run is a fresh process; its wall time and peak RSS come from `os.wait4`
-(the largest resident set of that process and the children it waited for). Runs alternate
+Each measured run is a fresh process; its wall time, CPU time (user + system) and peak RSS come
+from `os.wait4` (of that process and the children it waited for). On a shared, loaded machine the
+CPU seconds are the steadier figure: the wall time also measures the others. Runs alternate
 ours, anchor, ours, anchor... so a noisy shared machine slows both sides alike.
 Results merge into bench/results/<machine>.json; `python -m bench.report` renders the table.
 """
@@ -42,6 +43,7 @@ class Run:
     wall_s: float
     peak_rss_gb: float
     figures: dict[str, float]
+    cpu_s: float = 0.0
 
 
 def machine_name() -> str:
@@ -87,7 +89,7 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
+    f.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status) % 256)
 """
 
@@ -109,14 +111,16 @@ def measure(cmd: Cmd, log: Path | None = None) -> Run:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd.argv)} exited {proc.returncode}:\n{text[-3000:]}")
     # ru_maxrss (of the command and the children it waited for) is in KiB on Linux, bytes on macOS.
-    rss = int(rss_file.read_text()) * (1 if sys.platform == "darwin" else 1024)
-    return Run(wall, rss / 1e9, cmd.figures(text) if cmd.figures else {})
+    maxrss, cpu = rss_file.read_text().split()
+    rss = int(maxrss) * (1 if sys.platform == "darwin" else 1024)
+    return Run(wall, rss / 1e9, cmd.figures(text) if cmd.figures else {}, float(cpu))
 
 
 def _summary(runs: list[Run]) -> dict:
     keys = sorted({k for r in runs for k in r.figures})
     return {
         "wall_s": round(statistics.median(r.wall_s for r in runs), 2),
+        "cpu_s": round(statistics.median(r.cpu_s for r in runs), 2),
         "peak_rss_gb": round(max(r.peak_rss_gb for r in runs), 3),
         "runs_wall_s": [round(r.wall_s, 2) for r in runs],
         **{k: round(statistics.median(r.figures[k] for r in runs if k in r.figures), 4) for k in keys},

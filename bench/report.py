@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import RESULTS, machine_name
 
-COLUMNS = ("wall_s", "peak_rss_gb", "trained_tokens_per_s", "final_train_loss", "seconds_per_file")
+COLUMNS = ("wall_s", "cpu_s", "peak_rss_gb", "trained_tokens_per_s", "final_train_loss", "seconds_per_file")
 
 
 def _cell(side: dict, key: str) -> str:

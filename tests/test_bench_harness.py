@@ -50,3 +50,14 @@ def test_peak_rss_is_the_commands_not_the_callers(results_dir):
     run = harness.measure(_alloc(20))
     assert run.peak_rss_gb < 0.15
     del ballast
+
+
+def test_cpu_seconds_are_the_commands_and_its_childrens(results_dir):
+    """Busy work counts, sleeping does not, and a child the command waits for counts too."""
+    busy = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
+    spin = harness.measure(harness.Cmd([sys.executable, "-c", busy]))
+    child = harness.measure(harness.Cmd([sys.executable, "-c",
+                                         f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"]))
+    idle = harness.measure(harness.Cmd([sys.executable, "-c", "import time; time.sleep(0.8)"]))
+    assert spin.cpu_s >= 0.6 and child.cpu_s >= 0.6
+    assert idle.cpu_s < 0.5 and idle.wall_s >= 0.8
