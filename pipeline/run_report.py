@@ -217,13 +217,21 @@ def fuse(paths: RunPaths) -> list:
                      _num(rep.get("bits_per_weight")), _num(layers.get("mean_survival")),
                      _num(layers.get("min_survival")), _num(e2e.get("kl_trained_vs_fused"), 8),
                      _num(e2e.get("kl_trained_vs_base"), 4),
-                     "LOST" if surv.get("lost") else ("survived" if surv else "not measured")])
+                     _verdict(surv)])
         if rep.get("explanation"):
             parts.append(H.preformatted(f"{folder.name}/\n" + "\n".join(rep["explanation"])))
     table = H.table(["folder", "fuse", "dtype / quantization", "size", "bits per weight", "mean layer survival",
                      "min layer survival", "KL(trained || fused)", "KL(trained || base)", "adapter"], rows)
     return [H.paragraph("Survival: how much of the adapter's change each fused layer keeps (1.0: all); end to "
                         "end, the fused model's KL to base + adapter against the base's."), table, *parts]
+
+
+def _verdict(survival: dict) -> str:
+    """07's end-to-end verdict: `lost` is None when the check was not run (a re-quantized fuse of a
+    large model without --strict)."""
+    if not survival or survival.get("lost", False) is None:
+        return "not measured"
+    return "LOST" if survival["lost"] else "survived"
 
 
 def exports(paths: RunPaths) -> list:
