@@ -144,12 +144,14 @@ def main(argv: list[str] | None = None) -> dict:
 def _print_table(row: dict, base_bytes: int) -> None:
     o, a, r = row["ours"], row["anchor"], row["ratio"]
     print(f"\n{row['what']}\n")
-    print("| | wall s | peak RSS GB | x model | written GB |")
-    print("|---|---|---|---|---|")
+    print("| | wall s (runs) | CPU s | peak RSS GB | x model | written GB |")
+    print("|---|---|---|---|---|---|")
     for name, side in (("ours", o), ("by hand", a)):
-        print(f"| {name} | {side['wall_s']:.1f} | {side['peak_rss_gb']:.2f} | "
+        runs = ", ".join(f"{w:.1f}" for w in side.get("runs_wall_s", []))
+        print(f"| {name} | {side['wall_s']:.1f} ({runs}) | {side.get('cpu_s', 0):.1f} | {side['peak_rss_gb']:.2f} | "
               f"{side['peak_rss_gb'] * 1e9 / base_bytes:.2f}x | {side.get('written_gb', 0):.2f} |")
-    print(f"| ratio | {r.get('wall_s', 0):.2f}x | {r.get('peak_rss_gb', 0):.2f}x | | {r.get('written_gb', 0):.2f}x |")
+    print(f"| ratio | {r.get('wall_s', 0):.2f}x | {r.get('cpu_s', 0):.2f}x | {r.get('peak_rss_gb', 0):.2f}x | | "
+          f"{r.get('written_gb', 0):.2f}x |")
     rf = row["run_folder"]
     gb = {k: round(v / 1e9, 2) for k, v in rf["folders"].items()}
     shared = {k: round(v / 1e9, 2) for k, v in rf["shared_bytes"].items()}
