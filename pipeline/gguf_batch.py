@@ -33,10 +33,14 @@ def _padded(n: int) -> int:
 @contextlib.contextmanager
 def _context(llm, seq_len: int, n_seq: int, n_batch: int, generating: bool = False):
     """A llama.cpp context on `llm`'s model with `n_seq` streams of `seq_len` cells (the LoRA of
-    `llm` applied), freed on exit. `generating`: llm's generation threads (llama-cpp-python's
-    default, half the cores) for every decode, else its batch threads (all cores)."""
+    `llm` applied), freed on exit. Its threads: the cores other processes leave free now
+    (runtime.free_cores), at most llm's batch threads (all cores); where that cannot be measured,
+    llm's generation threads (llama-cpp-python's default, half the cores) when `generating`, else
+    its batch threads. The logits do not depend on the thread count (bit for bit)."""
     import llama_cpp
     from llama_cpp import _internals
+
+    from .runtime import free_cores
 
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
     params.n_seq_max = n_seq
@@ -44,11 +48,11 @@ def _context(llm, seq_len: int, n_seq: int, n_batch: int, generating: bool = Fal
     params.n_ctx = n_seq * _padded(seq_len)
     params.n_batch = max(n_batch, 1)
     params.n_ubatch = min(params.n_batch, 512)
-    # llama.cpp takes n_threads for one-token batches, n_threads_batch for the rest. Answer steps
-    # are small batches: on 2 busy cores a second thread waiting at every op's barrier made them
-    # far slower (30 demo answers: 36 s with 1 thread, over 3 min with 2), so they keep the
-    # generation count, as one-token steps did.
-    threads = params.n_threads if generating else params.n_threads_batch
+    # llama.cpp takes n_threads for one-token batches, n_threads_batch for the rest: one count for
+    # both. A thread more than the free cores stalls every operation's barrier (free_cores).
+    free = free_cores()
+    threads = min(free, params.n_threads_batch) if free else (params.n_threads if generating
+                                                              else params.n_threads_batch)
     params.n_threads = params.n_threads_batch = threads
     ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
     try:

@@ -65,6 +65,44 @@ def test_batched_logits_equal_one_conversation_at_a_time(tiny):
         np.testing.assert_array_equal(g, want)
 
 
+def test_logits_and_answers_do_not_depend_on_the_thread_count(tiny, monkeypatch):
+    """Contexts take as many threads as there are free cores: one or all must give the same bits."""
+    import pipeline.runtime as runtime
+
+    _, llm = tiny
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(3, 400, n).tolist() for n in (33, 20)]
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(runtime, "free_cores", lambda threads=threads: threads)
+        logits = [x.copy() for x in gguf_batch.logits(llm, seqs, [(0, len(s)) for s in seqs])]
+        runs.append((logits, gguf_batch.greedy(llm, [s[:9] for s in seqs], 6)))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0][1] == runs[1][1]
+
+
+def test_free_cores_leaves_out_the_busy_ones():
+    """Every allowed core kept busy by another process: one thread; the count never exceeds them."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.runtime import free_cores
+
+    allowed = len(os.sched_getaffinity(0))
+    assert 1 <= free_cores() <= allowed
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(allowed)]
+    try:
+        time.sleep(0.5)
+        assert free_cores(window=0.5) == 1
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+
+
 def test_groups_respect_their_bounds(monkeypatch):
     monkeypatch.setattr(gguf_batch, "MAX_SEQS", 2)
     assert gguf_batch._groups([10, 10, 10], [10, 10, 10], 100) == [[0, 1], [2]]
