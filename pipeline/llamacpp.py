@@ -278,9 +278,10 @@ def ftype(type_name: str) -> int:
     return int(value)
 
 
-def quantize(src: Path, dst: Path, type_name: str, threads: int = 0) -> None:
+def quantize(src: Path, dst: Path, type_name: str, threads: int = 0, name: Path | None = None) -> None:
     """Quantize a GGUF with llama.cpp's quantizer (a user's llama-quantize, else the pinned library),
-    in a child process: the quantizer aborts on some inputs, and an abort must not take our process."""
+    in a child process: the quantizer aborts on some inputs, and an abort must not take our process.
+    `name`: the file the user knows `src` as, in messages (`src` may still be its temporary)."""
     binary = quantize_binary()
     if binary is not None:
         cmd = [str(binary), str(src), str(dst), type_name.upper()] + ([str(threads)] if threads else [])
@@ -289,7 +290,7 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int = 0) -> None:
         ftype(type_name)  # an unknown type is named here, not in the child's traceback
         cmd = [sys.executable, "-m", "pipeline.llamacpp", "quantize", str(src), str(dst), type_name,
                "--threads", str(threads)]
-    run_child(cmd, f"quantizing {src} to {type_name}")
+    run_child(cmd, f"quantizing {name or src} to {type_name}")
 
 
 def _quantize_here(src: Path, dst: Path, type_name: str, threads: int) -> int:
@@ -374,10 +375,18 @@ def abort_reason(output: str) -> str | None:
     return None
 
 
+_PROBED: set[tuple] = set()  # files (path, inode, size, mtime) this process has seen load: not probed again
+
+
 def probe(path: Path, lora: Path | None = None) -> None:
     """Prove in a child process that llama.cpp loads `path` (applies `lora`) and evaluates a token."""
+    stats = [(str(f), os.stat(f)) for f in (path, lora) if f is not None]
+    key = tuple((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats)
+    if key in _PROBED:
+        return
     cmd = [sys.executable, "-m", "pipeline.llamacpp", "probe", str(path)] + (["--lora", str(lora)] if lora else [])
     run_child(cmd, f"loading {path}" + (f" with the LoRA {lora}" if lora else ""))
+    _PROBED.add(key)
 
 
 def _probe_here(path: Path, lora: Path | None) -> int:

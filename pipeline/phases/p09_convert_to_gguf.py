@@ -115,7 +115,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
                 continue
             with atomic_path(files[t]) as tmp:
                 _step(next(steps), total, t, f"llama.cpp's quantizer ({cfg.gguf.threads or 'all'} threads)")
-                llamacpp.quantize(source, tmp, t, cfg.gguf.threads)
+                llamacpp.quantize(source, tmp, t, cfg.gguf.threads, name=files[outtype])
                 hashes.add(files[t], tmp)  # hashed while atomic_path syncs and renames it
             _record(timings, t, files[t], t0)
         if imatrix_types:

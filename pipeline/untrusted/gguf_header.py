@@ -144,10 +144,27 @@ def _value(r: _Reader, vtype: int, key: str, keep: bool = False, depth: int = 0)
     r.need(count * smallest, f"array {key!r} of {count} elements")
     if etype in SCALAR:
         r.skip(count * SCALAR[etype], f"array {key!r}")
+    elif etype == STRING:
+        _skip_strings(r, count, key)
     else:
         for _ in range(count):
             _value(r, etype, key, depth=depth + 1)
     return None
+
+
+def _skip_strings(r: _Reader, count: int, key: str) -> None:
+    """`count` strings of an array skipped, each length checked as `_Reader.string` checks it (a
+    vocabulary holds ~50-150 k of them: this loop is that method without its per-call costs)."""
+    f, size, what = r.f, r.size, f"value of {key!r}"
+    for _ in range(count):
+        if size - r.pos < 8:
+            r.fail(f"length of {what} needs 8 bytes but only {size - r.pos} are left in the file")
+        n = int.from_bytes(f.read(8), "little")
+        r.pos += 8
+        if n > size - r.pos:
+            r.fail(f"{what} needs {n} bytes but only {size - r.pos} are left in the file")
+        f.seek(n, 1)
+        r.pos += n
 
 
 def _alignment(r: _Reader, meta: dict) -> int:
