@@ -371,6 +371,9 @@ def _write_native(cfg, native_paths: RunPaths, f16_of_fused: Path, dst: Path) ->
         if survival.get("lost"):  # a file that is not the fine-tune is not shown as an export of it
             dst.unlink(missing_ok=True)
             return {"source": str(native_paths.fused), "skipped": lost_message(survival, False, False)}
+        if survival.get("lost", False) is None:  # a large model: 07 ran no end-to-end check (fuse --strict does)
+            click.echo("      its end-to-end survival was not measured (a re-quantized fuse of a model over "
+                       "0.5 B parameters): 10 verify's KL to the trained model tells whether it kept the fine-tune")
         convert_to_hf(cfg, native_paths)
         f16 = native_paths.hf / ".source-F16.gguf"  # the transcoder's template file, not an output
         try:
