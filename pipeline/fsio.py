@@ -298,12 +298,28 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     return [f for f in sorted(list(path.glob("*.safetensors")) + [path / "config.json"]) if f.exists()]
 
 
-def hash_model_dir(path: str | os.PathLike) -> str:
-    """Content identity of a model folder: its weights and config.json, not its file dates."""
+def hash_model_dir(path: str | os.PathLike, known: dict[str, str] | None = None) -> str:
+    """Content identity of a model folder: its weights and config.json, not its file dates.
+    `known`: sha256s already taken of some of its files, by name (taken while writing them, or
+    those of the very same inodes elsewhere): a second read of a large model costs seconds."""
     h = hashlib.sha256()
     for f in model_files(path):
-        h.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+        h.update(f.name.encode() + b"\0" + ((known or {}).get(f.name) or sha256_file(f)).encode() + b"\n")
     return h.hexdigest()
+
+
+def same_inode_hashes(folder: str | os.PathLike, source: str | os.PathLike, hashes: dict[str, str]) -> dict[str, str]:
+    """Of `hashes` (sha256 of files in `source`, by name), those whose file in `folder` is the very
+    same file (a hard link): they need no second read."""
+    out = {}
+    for name, digest in (hashes or {}).items():
+        try:
+            a, b = os.stat(Path(folder) / name), os.stat(Path(source) / name)
+        except OSError:
+            continue
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            out[name] = digest
+    return out
 
 
 def safetensors_numel(path: str | os.PathLike) -> int:

@@ -42,6 +42,9 @@ def test_hf_links_a_dequantized_fuse_and_a_refuse_leaves_it_intact(export_runs):
     assert _inodes(hf) == _inodes(fused.path) and _inodes(hf)  # the same files, no second copy
     manifest = json.loads((hf / "manifest.json").read_text())
     assert manifest["outputs"]["shards_from_fused"] == "hard-linked"
+    # hf/'s hash reuses 07's sha256s of the very same files: it must equal a hash from scratch.
+    recorded = json.loads((fused.path / "manifest.json").read_text())["outputs"]["file_sha256"]
+    assert recorded == {f.name: fsio.sha256_file(f) for f in fused.path.glob("*.safetensors")}
     assert manifest["outputs"]["content_hash"] == hash_model_dir(hf)
     usage = disk_usage(run)
     assert usage["folders"]["hf"]["shared_bytes"] == result.size_bytes
@@ -140,6 +143,18 @@ def test_hf_manifest_deferred_while_the_caller_works(export_runs):
     written = convert_to_hf(make_cfg(root, run=fcfg.run, export__dtype="float32"), defer_manifest=True)
     assert (written.path / "manifest.json").is_file()
     written.finish()
+
+
+def test_known_hashes_are_taken_only_for_the_very_same_file(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for name in ("a.bin", "b.bin"):
+        (src / name).write_bytes(name.encode() * 100)
+    os.link(src / "a.bin", out / "a.bin")
+    shutil.copy2(src / "b.bin", out / "b.bin")  # equal bytes, another file: could change on its own
+    hashes = {"a.bin": "sha-a", "b.bin": "sha-b", "gone.bin": "sha-c"}
+    assert fsio.same_inode_hashes(out, src, hashes) == {"a.bin": "sha-a"}
 
 
 def test_linked_bytes_counts_files_shared_with_another_folder(tmp_path):

@@ -186,7 +186,8 @@ def fuse(cfg, paths: RunPaths | None = None) -> FuseResult:
         write_manifest(
             tmp, "07_fuse_lora", cfg, started,
             inputs=inputs,
-            outputs={"path": str(out), "content_hash": content_hash(tmp, file_hashes), "size_bytes": sizes["fused"]},
+            outputs={"path": str(out), "content_hash": hash_model_dir(tmp, file_hashes), "size_bytes": sizes["fused"],
+                     "file_sha256": file_hashes},
             dequantized=dequantize,
             rebased=rebase,
             original_base_content_hash=base_hash if rebase else None,
@@ -413,19 +414,6 @@ def _write_fused(out: Path, weights: dict, parameters: int, figures: dict) -> tu
     for name, fs in figures.items():  # none left in practice
         stats.append(layer_stats(name, [sum(x) for x in zip(*(f.tolist() for f in fs if f is not None))]))
     return stats, file_hashes
-
-
-def content_hash(folder: Path, file_hashes: dict) -> str:
-    """fsio.hash_model_dir's value from the weights' sha256 taken while writing them (a second read
-    of a large model costs seconds); config.json is hashed here."""
-    import hashlib
-
-    from ..fsio import model_files, sha256_file
-
-    h = hashlib.sha256()
-    for f in model_files(folder):
-        h.update(f.name.encode() + b"\0" + (file_hashes.get(f.name) or sha256_file(f)).encode() + b"\n")
-    return h.hexdigest()
 
 
 # Memory a streamed fuse needs beyond its largest layer: the interpreter, MLX, mlx-lm and the

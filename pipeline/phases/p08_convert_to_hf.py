@@ -24,7 +24,7 @@ import click
 
 from .. import arch
 from ..errors import PipelineError
-from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, write_json
+from ..fsio import atomic_path, dir_size, hash_model_dir, human_size, same_inode_hashes, write_json
 from ..hf_export import (  # noqa: F401 (tests: INDEX)
     INDEX,
     copy_tokenizer_files,
@@ -133,10 +133,13 @@ def convert_to_hf(cfg, paths: RunPaths | None = None, defer_manifest: bool = Fal
                 copied=copied,
             )
 
+        # Shards hard-linked from fused/ are the very files 07 hashed while writing them.
+        fused_hashes = fused_manifest.get("outputs", {}).get("file_sha256") or {}
         deferred = bool(shared) and defer_manifest
         if not deferred:
-            manifest(tmp, hash_model_dir(tmp))
-    finish = _hashed_later(out, manifest) if deferred else (lambda: None)
+            manifest(tmp, hash_model_dir(tmp, same_inode_hashes(tmp, paths.fused, fused_hashes)))
+    finish = _hashed_later(out, manifest, same_inode_hashes(out, paths.fused, fused_hashes)) if deferred else (
+        lambda: None)
     if shared:
         click.echo(f"{n_tensors} tensors in {len(shards)} shard(s), {human_size(size)} ({cfg.export.dtype}): "
                    f"{how} from {paths.fused} (the same tensors, so no second copy on disk)")
@@ -148,12 +151,13 @@ def convert_to_hf(cfg, paths: RunPaths | None = None, defer_manifest: bool = Fal
     return HFResult(out, cfg.export.dtype, shards, size, changes, finish)
 
 
-def _hashed_later(folder: Path, manifest: Callable[[Path, str], None]) -> Callable[[], None]:
+def _hashed_later(folder: Path, manifest: Callable[[Path, str], None], known: dict[str, str]) -> Callable[[], None]:
     """Start hashing `folder` in a thread (hashlib releases the GIL, so it runs beside the caller's
-    next step); the returned call waits for the hash and writes the manifest with it."""
+    next step); the returned call waits for the hash and writes the manifest with it. `known`: the
+    files' sha256s already taken (fsio.hash_model_dir)."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="hf-hash")
-    job = pool.submit(hash_model_dir, folder)
+    job = pool.submit(hash_model_dir, folder, known)
     pool.shutdown(wait=False)
     return lambda: manifest(folder, job.result())
