@@ -59,21 +59,30 @@ def test_no_writer_keeps_an_extension_it_does_not_append():
 
 
 def test_every_file_02_writes_is_readable_by_all(tmp_path, tiny_hf_model):
-    """transformers wrote the tiny model's weights 0600 (mkstemp); 02 copies them: every output is
-    a plain file's mode (0644 under the usual umask), folders too."""
+    """transformers wrote the tiny model's weights 0600 (mkstemp). Every file 02 writes gets a plain
+    file's mode (0644 under the usual umask), folders too; weights 02 hard-links are the source's
+    own files and keep the source's mode, which 02 never changes."""
     from pipeline.phases.p02_fetch_base_model import fetch_base_model
 
     source = tiny_hf_model("llama")
-    os.chmod(source / "model.safetensors", 0o600)  # what save_pretrained leaves, whatever ran before
+    weights = source / "model.safetensors"
+    before = stat.S_IMODE(weights.stat().st_mode)
+    os.chmod(weights, 0o600)  # what save_pretrained leaves, whatever ran before
     umask = os.umask(0o022)
     os.umask(umask)
-    cfg = make_cfg(tmp_path, **{"model.source": str(source)})
-    out = fetch_base_model(cfg).path
-    written = [out, *out.rglob("*")]
-    assert len(written) > 4 and out / "model.safetensors" in written
-    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
-    expected = {k: oct((0o777 if (tmp_path / k).is_dir() else 0o666) & ~umask) for k in modes}
-    assert modes == expected
+    try:
+        cfg = make_cfg(tmp_path, **{"model.source": str(source)})
+        out = fetch_base_model(cfg).path
+        written = [out, *out.rglob("*")]
+        assert len(written) > 4 and out / "model.safetensors" in written
+        linked = {p for p in written if p.is_file() and p.stat().st_ino == weights.stat().st_ino}
+        modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+        expected = {str(p.relative_to(tmp_path)): oct(0o600 if p in linked else
+                                                      (0o777 if p.is_dir() else 0o666) & ~umask) for p in written}
+        assert modes == expected
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o600  # the user's file untouched
+    finally:
+        os.chmod(weights, before)  # the shared fixture as it was
 
 
 def test_executables_keep_their_x_bit(tmp_path):
