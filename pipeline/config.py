@@ -159,7 +159,8 @@ class FuseConfig:
         "Add a QLoRA adapter to the ORIGINAL full-precision weights (base/) instead of the quantized "
         "ones it was trained on; the result is dense and is quantized once, by the GGUF step.",
     )
-    strict: bool = opt(False, "Fail (instead of warning) when fusion loses most of the adapter's effect.")
+    strict: bool = opt(False, "Fail (instead of warning) when fusion loses most of the adapter's effect; "
+                              "above 0.5 B parameters a re-quantized fuse measures that only with it.")
 
 
 @dataclass
