@@ -141,9 +141,10 @@ class _MlxScorer(_BatchScorer):
                 ids[row, : len(c.ids)] = c.ids
             logits = self.model(mx.array(ids)).astype(mx.float32)
             mx.eval(logits)
+            batch = np.asarray(logits)  # MLX's buffer, not a copy: a row's logits are views of it
             for row, c in enumerate(chunk):
-                yield np.array(logits[row, c.positions(span)])
-            del logits
+                yield batch[row, c.positions(span)]
+            del logits, batch
 
 
 class _GgufScorer(_BatchScorer):

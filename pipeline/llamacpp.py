@@ -376,17 +376,70 @@ def abort_reason(output: str) -> str | None:
 
 
 _PROBED: set[tuple] = set()  # files (path, inode, size, mtime) this process has seen load: not probed again
+_AHEAD: dict[tuple, object] = {}  # probes started by probes_ahead: key -> its Future
+
+
+def _probe_key(path: Path, lora: Path | None) -> tuple:
+    stats = [(str(f), os.stat(f)) for f in (path, lora) if f is not None]
+    return tuple((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def _probe_cmd(path: Path, lora: Path | None) -> tuple[list[str], str]:
+    cmd = [sys.executable, "-m", "pipeline.llamacpp", "probe", str(path)] + (["--lora", str(lora)] if lora else [])
+    return cmd, f"loading {path}" + (f" with the LoRA {lora}" if lora else "")
 
 
 def probe(path: Path, lora: Path | None = None) -> None:
     """Prove in a child process that llama.cpp loads `path` (applies `lora`) and evaluates a token."""
-    stats = [(str(f), os.stat(f)) for f in (path, lora) if f is not None]
-    key = tuple((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats)
+    key = _probe_key(path, lora)
     if key in _PROBED:
         return
-    cmd = [sys.executable, "-m", "pipeline.llamacpp", "probe", str(path)] + (["--lora", str(lora)] if lora else [])
-    run_child(cmd, f"loading {path}" + (f" with the LoRA {lora}" if lora else ""))
+    ahead = _AHEAD.pop(key, None)
+    if not (ahead is not None and ahead.result()):  # its PipelineError is raised here, as if it ran now
+        run_child(*_probe_cmd(path, lora))
     _PROBED.add(key)
+
+
+@contextlib.contextmanager
+def probes_ahead(files: list[tuple[Path, Path | None]]):
+    """Run the load probes of `files` ((GGUF, LoRA GGUF or None) pairs), one child at a time in the
+    background, while the block does other work (10 verify: the MLX reference); `probe` later takes
+    a file's result. Probes not started when the block ends are cancelled (`probe` runs them then):
+    a child left running would take a core from llama.cpp's own threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp probe")
+    started = []
+    try:
+        for path, lora in files:
+            try:
+                key = _probe_key(Path(path), Path(lora) if lora else None)
+            except OSError:  # a file missing: open_gguf says so when its turn comes
+                continue
+            if key not in _PROBED and key not in _AHEAD:
+                _AHEAD[key] = pool.submit(_probe_checked, Path(path), Path(lora) if lora else None)
+                started.append(key)
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for key in started:
+            if _AHEAD[key].cancelled():
+                del _AHEAD[key]
+
+
+def _probe_checked(path: Path, lora: Path | None) -> bool:
+    """A probe ahead of time, of files whose headers pass check_gguf (False, and no child, if one
+    does not: open_gguf reports that file's problem itself)."""
+    from .untrusted import check_gguf
+
+    try:
+        for f in (path, lora):
+            if f is not None:
+                check_gguf(f)
+    except PipelineError:
+        return False
+    run_child(*_probe_cmd(path, lora))
+    return True
 
 
 def _probe_here(path: Path, lora: Path | None) -> int:

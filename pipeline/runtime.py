@@ -131,22 +131,35 @@ def _cpu_times() -> tuple[int, int] | None:
     return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
 
 
+def _own_cpu_ticks() -> int | None:
+    """User + system clock ticks of this process so far (all its threads), /proc/self/stat."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
 def free_cores(window: float = 0.15) -> int | None:
     """How many of this process's cores other processes leave idle now (over `window` seconds,
     /proc/stat), at least 1; None where it cannot be measured. Call it while this process is idle.
+    This process's own threads count as free: BLAS and OpenMP workers spin for a while after their
+    last task (after the MLX reference forward they made a 2-core machine look half busy).
     llama.cpp's threads wait for each other at every operation: one thread more than the free cores
     makes a decode several times slower (measured: 30 answers 36 s with 1 thread, > 3 min with 2
     while the tests ran beside; 1.7-1.9x faster with 2 on 2 idle cores)."""
     import time
 
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    first = _cpu_times()
+    first, own = _cpu_times(), _own_cpu_ticks()
     if first is None:
         return None
     time.sleep(window)
-    second = _cpu_times()
+    second, own_after = _cpu_times(), _own_cpu_ticks()
     idle, total = second[0] - first[0], second[1] - first[1]
     if total <= 0:
         return None
+    if own is not None and own_after is not None:  # /proc/stat and /proc/self/stat: both USER_HZ ticks
+        idle = min(total, idle + own_after - own)
     free = idle / total * (os.cpu_count() or allowed)
     return max(1, min(allowed, int(free + 0.2)))

@@ -86,6 +86,36 @@ def test_open_gguf_validates_the_lora_header_before_llama_cpp(ggufs, tmp_path):
         llamacpp.open_gguf(ggufs["good"], n_ctx=64, lora=lora)
 
 
+def test_probes_ahead_report_an_abort_when_its_file_is_opened(ggufs, tmp_path, monkeypatch):
+    """10 verify proves the loads in children while MLX computes its reference (probes_ahead): the
+    abort found there is the same one error, raised when that file is opened; a sound file then
+    opens with no second child; a file whose header fails check_gguf is not given to llama.cpp."""
+    from concurrent.futures import wait
+
+    bad = Path(shutil.copy(ggufs["bad"], tmp_path / "bad-F16.gguf"))  # copies: never probed before
+    good = Path(shutil.copy(ggufs["good"], tmp_path / "good-F16.gguf"))
+    cut = tmp_path / "cut-F16.gguf"
+    cut.write_bytes(good.read_bytes()[:5000])
+    keys = {f: llamacpp._probe_key(f, None) for f in (bad, good, cut)}
+    with llamacpp.probes_ahead([(bad, None), (good, None), (cut, None), (tmp_path / "gone.gguf", None)]):
+        wait([llamacpp._AHEAD[k] for k in keys.values()])
+    assert llamacpp._AHEAD[keys[cut]].result() is False
+    with pytest.raises(PipelineError) as e:
+        llamacpp._AHEAD[keys[bad]].result()
+    assert_one_clear_error(str(e.value), f"loading {bad}")
+
+    def no_child(*args, **kwargs):
+        raise AssertionError(f"a second probe: {args}")
+
+    monkeypatch.setattr(llamacpp, "run_child", no_child)
+    with pytest.raises(PipelineError) as e:
+        llamacpp.open_gguf(bad, n_ctx=64)
+    assert_one_clear_error(str(e.value), f"loading {bad}")
+    assert llamacpp.open_gguf(good, n_ctx=64).n_vocab() > 0
+    with pytest.raises(PipelineError, match=rf"{cut} is not a valid GGUF, not loaded"):
+        llamacpp.open_gguf(cut, n_ctx=64)
+
+
 def test_children_print_no_backtrace(ggufs):
     """GGML_NO_BACKTRACE (read by ggml_abort) keeps gdb off: the child's raw output has only the assert."""
     proc = subprocess.run([sys.executable, "-m", "pipeline.llamacpp", "probe", str(ggufs["bad"])], cwd=ROOT,

@@ -103,6 +103,32 @@ def test_free_cores_leaves_out_the_busy_ones():
             b.wait()
 
 
+def test_free_cores_counts_this_process_own_busy_threads_as_free():
+    """A thread of ours spinning (as BLAS and OpenMP workers do after a forward) is not another
+    process's load: it must not take a core from llama.cpp's next context."""
+    import os
+    import threading
+
+    from pipeline.runtime import free_cores
+
+    allowed = len(os.sched_getaffinity(0))
+    if allowed < 2 or free_cores(window=0.5) < allowed:
+        pytest.skip("needs 2 or more cores that other processes leave idle")
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        assert free_cores(window=0.5) == allowed
+    finally:
+        stop.set()
+        spinner.join()
+
+
 def test_groups_respect_their_bounds(monkeypatch):
     monkeypatch.setattr(gguf_batch, "MAX_SEQS", 2)
     assert gguf_batch._groups([10, 10, 10], [10, 10, 10], 100) == [[0, 1], [2]]
