@@ -1,6 +1,7 @@
 """Training on an NVIDIA GPU: our 04 vs `mlx_lm lora`, bf16 LoRA and 4-bit QLoRA, in the same run.
 
     python -m bench.gpu          # needs MLX on CUDA (make setup BACKEND=cuda); elsewhere it says so and stops
+    python -m bench.gpu --repeats 1   # each side once (default 2)
     python -m bench.gpu --probe bf16-lorabf16 [--memory-limit-gb 13]   # one step's speed and memory, see probe()
 
 The synthetic 1.17 B Llama-shaped model (bench/synthetic_model.py), batch 4 x 1024 tokens of text,
@@ -232,6 +233,7 @@ def main() -> None:
         return
     from pipeline.runtime import backend_name
 
+    repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 2
     if backend_name() != "cuda":
         print("bench.gpu: MLX does not run on CUDA here (no NVIDIA GPU, or mlx[cpu] installed): skipped. "
               "Recorded GPU figures: bench/GPU.md.")
@@ -246,10 +248,11 @@ def main() -> None:
         ours = Cmd([*cli(), "train", *args], before=lambda d=run_dir: shutil.rmtree(d / "adapters", ignore_errors=True),
                    label=f"mlx-pipeline train ({kind})", figures=our_figures(run_dir, fpt))
         anchor = anchor_cmd(train_model, run_dir / "data", kind, fpt)
-        compare(f"gpu-train-1b-{kind}", ours, anchor, repeats=2,
+        compare(f"gpu-train-1b-{kind}", ours, anchor, repeats=repeats,
                 what=f"04 train vs mlx_lm lora, {'4-bit QLoRA' if kind == 'q4' else 'bf16 LoRA'}, synthetic 1.17 B "
                      f"Llama, batch {BATCH} x {SEQ}, LoRA r8 on 7 projections x 16 layers, {ITERS} steps",
-                extra={"command": "python -m bench.gpu", "ours_argv": " ".join(ours.argv),
+                extra={"command": "python -m bench.gpu" + (f" --repeats {repeats}" if repeats != 2 else ""),
+                       "ours_argv": " ".join(ours.argv),
                        "anchor_argv": "mlx_lm lora " + " ".join(anchor.argv[6:]),
                        "flops_per_token": fpt, "peak_flops": PEAK_BF16_FLOPS})
 
