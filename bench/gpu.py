@@ -224,6 +224,17 @@ def probe(name: str, memory_limit_gb: float | None = None, warm: int = 3, steps:
     return row
 
 
+def _repeats(argv: list[str]) -> int:
+    """`--repeats N`: runs of each side (default 2); anything but a whole number >= 1 stops here."""
+    if "--repeats" not in argv:
+        return 2
+    value = argv[argv.index("--repeats") + 1] if argv.index("--repeats") + 1 < len(argv) else ""
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"bench.gpu: --repeats needs a whole number of runs, 1 or more (got {value or 'nothing'!r}); "
+                 "e.g. `python -m bench.gpu --repeats 1`")
+    return int(value)
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--anchor-log":
         return anchor_main(Path(sys.argv[2]), sys.argv[4:])
@@ -233,7 +244,7 @@ def main() -> None:
         return
     from pipeline.runtime import backend_name
 
-    repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 2
+    repeats = _repeats(sys.argv)
     if backend_name() != "cuda":
         print("bench.gpu: MLX does not run on CUDA here (no NVIDIA GPU, or mlx[cpu] installed): skipped. "
               "Recorded GPU figures: bench/GPU.md.")

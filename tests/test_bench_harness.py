@@ -61,3 +61,16 @@ def test_cpu_seconds_are_the_commands_and_its_childrens(results_dir):
     idle = harness.measure(harness.Cmd([sys.executable, "-c", "import time; time.sleep(0.8)"]))
     assert spin.cpu_s >= 0.6 and child.cpu_s >= 0.6
     assert idle.cpu_s < 0.5 and idle.wall_s >= 0.8
+
+
+@pytest.mark.parametrize("args", [["--repeats"], ["--repeats", "0"], ["--repeats", "two"]])
+def test_gpu_bench_refuses_a_bad_repeat_count(args):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", *args], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "--repeats needs a whole number of runs, 1 or more" in proc.stderr
+    assert "Traceback" not in proc.stderr
