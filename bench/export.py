@@ -2,6 +2,8 @@
 
     python -m bench.export                       # Q8_0, 2 repeats (fits make bench's budget)
     python -m bench.export --types Q8_0,Q4_K_M   # the default export's K-quant too (slower on both sides)
+    python -m bench.export --working-f16         # the F16 a working file, as gguf.keep_unquantized auto
+                                                 # makes it for this model (above 2 GB)
 
 Input: the synthetic 1.2 B Llama (bf16) fused with --de-quantize with bench.inputs' 2-iteration
 adapter, in a run of its own under bench/work/export/ (07 runs once, then is reused).
@@ -57,8 +59,8 @@ def prepared_fused() -> Path:
 def run_args(keep_f16: bool = True) -> list[str]:
     config = HERE / (f"{RUN}.yaml" if keep_f16 else f"{RUN}-working-f16.yaml")
     text = inputs.run_config("1b").read_text().replace("run: synthetic-1b", f"run: {RUN}")
-    if not keep_f16:
-        text = text.replace("\ngguf:\n", "\ngguf:\n  keep_unquantized: false\n")
+    # explicit either way: the default (auto) makes this 2.4 GB model's F16 a working file
+    text = text.replace("\ngguf:\n", f"\ngguf:\n  keep_unquantized: {'true' if keep_f16 else 'false'}\n")
     if not config.exists() or config.read_text() != text:
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(text)

@@ -181,10 +181,13 @@ class GGUFConfig:
         env="QUANTS",
     )
     threads: int = opt(0, "Quantizer threads (0 = all cores).", minimum=0)
-    keep_unquantized: bool = opt(
-        True,
-        "Keep the converter's unquantized GGUF (gguf.outtype) as an output, verified with the others. False: "
-        "it is a working file, removed once the quantized files are made (listing F16 in gguf.quantizations keeps it).",
+    keep_unquantized: str = opt(
+        "auto",
+        "The converter's unquantized GGUF (gguf.outtype): true keeps it as an output, verified with the others "
+        "(verify measures the conversion itself by it); false makes it a working file, removed once the "
+        "quantized files exist (listing F16 in gguf.quantizations keeps it); auto keeps it up to 2 GB (about "
+        "1 B parameters in F16) and removes it above, where it is the largest file of the run.",
+        choices=["auto", "true", "false"],
     )
     native: bool = opt(
         False,
@@ -351,7 +354,7 @@ def coerce(key: str, value: Any, origin: str):
                 raise ValueError
             value = [str(v) for v in value]
         else:
-            value = str(value)
+            value = str(value).lower() if isinstance(value, bool) else str(value)  # YAML's false -> "false"
     except ValueError:
         raise ConfigError(f"{where}: expected {'an' if kind == 'int' else 'a'} {kind}.") from None
     if kind == "list" and meta["choices"] is not None:

@@ -126,6 +126,27 @@ def test_gguf_working_f16_removed_and_disk_reported(export_runs):
     assert list(result.files) == ["F16", "Q8_0"] and result.files["F16"].is_file()
 
 
+def test_gguf_keep_unquantized_auto_keeps_small_and_removes_large(export_runs, monkeypatch, capsys):
+    """auto (the default): the tiny model's F16 is well under the limit and stays an output; with the
+    limit below it, the same run makes it a working file and says why. YAML's false is "false"."""
+    from pipeline.errors import ConfigError
+    from pipeline.phases import p09_convert_to_gguf as p09
+
+    fcfg, fused = export_runs.fused("llama", dequantize=True)
+    root, run = fused.path.parents[1], fused.path.parent
+    cfg = make_cfg(root, run=fcfg.run, gguf__quantizations="Q8_0")
+    assert cfg.gguf.keep_unquantized == "auto"
+    assert list(p09.convert_to_gguf(cfg).files) == ["F16", "Q8_0"]
+    monkeypatch.setattr(p09, "KEEP_UNQUANTIZED_UP_TO", 1000)
+    capsys.readouterr()
+    result = p09.convert_to_gguf(make_cfg(root, run=fcfg.run, gguf__quantizations="Q8_0"))
+    assert list(result.files) == ["Q8_0"] and not (run / "gguf" / f"{fcfg.run}-F16.gguf").exists()
+    assert "gguf.keep_unquantized auto:" in capsys.readouterr().out
+    assert make_cfg(root, run=fcfg.run, gguf__keep_unquantized=False).gguf.keep_unquantized == "false"
+    with pytest.raises(ConfigError, match="choose one of: auto, true, false"):
+        make_cfg(root, run=fcfg.run, gguf__keep_unquantized="sometimes")
+
+
 def test_hf_manifest_deferred_while_the_caller_works(export_runs):
     """09's form of 08: hf/ in place at once, its manifest (content hash taken in a thread) written
     by finish(); until then hf/ is incomplete, as after a crash, and a re-run makes it again."""

@@ -49,6 +49,9 @@ from .common import done, start_phase
 
 # Types llama.cpp quantizes without looking at an importance matrix.
 NO_IMATRIX = {"Q8_0", "F16", "BF16", "F32"}
+# gguf.keep_unquantized auto keeps the unquantized file up to this size (about 1 B parameters in F16):
+# above it, a second full-precision copy the user did not list costs more disk than its check is worth.
+KEEP_UNQUANTIZED_UP_TO = 2 * 10**9
 
 
 @dataclass
@@ -91,9 +94,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
                       f"the GGUF files ({', '.join(types)})")
     outtype = types[0]
     hashes = BackgroundHashes()
-    # The unquantized file is an output unless gguf.keep_unquantized is off and it is not listed:
-    # then a working file, removed at the end (the largest file, and no export anyone asked for).
-    keep_source = cfg.gguf.keep_unquantized or outtype in [q.upper() for q in cfg.gguf.quantizations]
+    keep_source, why_not = _keeps_unquantized(cfg, hf, outtype)
     with contextlib.ExitStack() as stack:
         # The unquantized file stays under its temporary name until every file made from it exists:
         # the quantizer reads it meanwhile, while its fsync and hash run in threads beside the quantizer.
@@ -150,8 +151,7 @@ def convert_to_gguf(cfg) -> GGUFResult:
     if not keep_source:
         types.remove(outtype)
         del files[outtype]
-        click.echo(f"      removed the working {outtype} file (gguf.keep_unquantized is false and {outtype} "
-                   "is not in gguf.quantizations)")
+        click.echo(f"      removed the working {outtype} file ({why_not}; {outtype} is not in gguf.quantizations)")
 
     keep = set(files.values())
     adapter = native_base = None
@@ -519,6 +519,20 @@ def _remove_stale(out: Path, run: str, keep: set[Path]) -> None:
 def _record(timings: dict, key: str, path: Path, t0: float, detail: str = "") -> None:
     timings[key] = round(time.time() - t0, 2)
     click.echo(f"      {human_size(path.stat().st_size)} in {timings[key]:.1f} s{detail}")
+
+
+def _keeps_unquantized(cfg, hf: Path, outtype: str) -> tuple[bool, str]:
+    """Whether the converter's unquantized file is an output (else a working file), and why not."""
+    setting = cfg.gguf.keep_unquantized
+    if setting == "true" or outtype in [q.upper() for q in cfg.gguf.quantizations]:
+        return True, ""
+    if setting == "false":
+        return False, "gguf.keep_unquantized is false"
+    size = gguf_size_estimate(hf, [outtype])
+    if size <= KEEP_UNQUANTIZED_UP_TO:
+        return True, ""
+    return False, (f"gguf.keep_unquantized auto: {human_size(size)} is above {human_size(KEEP_UNQUANTIZED_UP_TO)}; "
+                   "true keeps it")
 
 
 def _step(i: int, n: int, type_name: str, how: str) -> None:
