@@ -151,7 +151,8 @@ def convert_to_gguf(cfg) -> GGUFResult:
     if not keep_source:
         types.remove(outtype)
         del files[outtype]
-        click.echo(f"      removed the working {outtype} file ({why_not}; {outtype} is not in gguf.quantizations)")
+        click.echo(f"      removed the working {outtype} file ({why_not}; gguf.keep_unquantized: true, or {outtype} "
+                   "in gguf.quantizations, keeps it)")
 
     keep = set(files.values())
     adapter = native_base = None
@@ -531,8 +532,7 @@ def _keeps_unquantized(cfg, hf: Path, outtype: str) -> tuple[bool, str]:
     size = gguf_size_estimate(hf, [outtype])
     if size <= KEEP_UNQUANTIZED_UP_TO:
         return True, ""
-    return False, (f"gguf.keep_unquantized auto: {human_size(size)} is above {human_size(KEEP_UNQUANTIZED_UP_TO)}; "
-                   "true keeps it")
+    return False, f"gguf.keep_unquantized auto: {human_size(size)} is above {human_size(KEEP_UNQUANTIZED_UP_TO)}"
 
 
 def _step(i: int, n: int, type_name: str, how: str) -> None:
