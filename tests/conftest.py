@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,23 @@ import pytest
 # Trained/fused tiny runs shared by the export tests (phases 07-10), registered here once.
 from export_fixtures import export_runs  # noqa: F401
 from shipped_fixtures import shipped_run  # noqa: F401
+
+# The suite's tiny models, runs and GGUFs peak at ~6.3 GB under the temporary folder (a passing test's
+# tmp_path is deleted when it ends: pyproject.toml). With less free, one clear stop, not ENOSPC errors.
+SUITE_FREE_BYTES = 8 * 10**9
+
+
+def pytest_sessionstart(session):
+    where = session.config.option.basetemp or tempfile.gettempdir()
+    probe = Path(where)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < SUITE_FREE_BYTES:
+        pytest.exit(f"Only {free / 1e9:.1f} GB free under {where}; the test suite needs "
+                    f"{SUITE_FREE_BYTES / 1e9:.0f} GB. Free some space (old /tmp/pytest-of-* folders, "
+                    "bench/work/) or point --basetemp at a larger disk.", returncode=1)
+
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_CONFIGS = FIXTURES / "configs"
