@@ -136,12 +136,13 @@ def test_gguf_keep_unquantized_auto_keeps_small_and_removes_large(export_runs, m
     root, run = fused.path.parents[1], fused.path.parent
     cfg = make_cfg(root, run=fcfg.run, gguf__quantizations="Q8_0")
     assert cfg.gguf.keep_unquantized == "auto"
-    assert list(p09.convert_to_gguf(cfg).files) == ["F16", "Q8_0"]
     monkeypatch.setattr(p09, "KEEP_UNQUANTIZED_UP_TO", 1000)
     capsys.readouterr()
-    result = p09.convert_to_gguf(make_cfg(root, run=fcfg.run, gguf__quantizations="Q8_0"))
+    result = p09.convert_to_gguf(cfg)
     assert list(result.files) == ["Q8_0"] and not (run / "gguf" / f"{fcfg.run}-F16.gguf").exists()
     assert "gguf.keep_unquantized auto:" in capsys.readouterr().out
+    monkeypatch.undo()  # the real limit: kept (and the shared run's gguf/ left with its F16)
+    assert list(p09.convert_to_gguf(cfg).files) == ["F16", "Q8_0"]
     assert make_cfg(root, run=fcfg.run, gguf__keep_unquantized=False).gguf.keep_unquantized == "false"
     with pytest.raises(ConfigError, match="choose one of: auto, true, false"):
         make_cfg(root, run=fcfg.run, gguf__keep_unquantized="sometimes")
