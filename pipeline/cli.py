@@ -77,8 +77,8 @@ COMMANDS = {
     "gguf": (
         "pipeline.phases.p09_convert_to_gguf:convert_to_gguf",
         ["gguf"],
-        ["adapter", "gguf.outtype", "gguf.quantizations", "gguf.threads", "gguf.native", "gguf.adapter_gguf",
-         "gguf.imatrix", "gguf.imatrix_chunks", "gguf.imatrix_chunk_tokens"],
+        ["adapter", "gguf.outtype", "gguf.quantizations", "gguf.keep_unquantized", "gguf.threads", "gguf.native",
+         "gguf.adapter_gguf", "gguf.imatrix", "gguf.imatrix_chunks", "gguf.imatrix_chunk_tokens"],
         "09 Convert to GGUF with llama.cpp's converter, then Q8_0 / Q5_K_M / Q4_K_M with its quantizer.",
     ),
     "verify": (

@@ -141,6 +141,15 @@ def test_gguf_path_form_accepts_a_quantized_mlx_folder(chain):
     assert error < 5e-2 and top1 >= 0.9, (error, top1)
 
 
+def test_gguf_path_form_keeps_the_unquantized_file_when_asked(chain):
+    out = chain["out"]
+    ok(run(GGUF, "--hf-model", out / "hf", "--output", out / "keep" / "k", "--quantization", "Q8_0",
+           "--keep-unquantized", "true"))
+    assert sorted(p.name for p in (out / "keep").iterdir()) == ["k-F16.gguf", "k-Q8_0.gguf", "k.manifest.json"]
+    bad = run(GGUF, "--hf-model", out / "hf", "--output", out / "keep" / "k", "--keep-unquantized", "maybe")
+    assert bad.returncode == 2 and "'maybe' is not one of 'auto', 'true', 'false'" in bad.stderr, bad.stderr
+
+
 def test_path_form_refuses_another_bases_adapter(trained, export_runs, tmp_path):
     other = export_runs.trained("granite") / "t"
     err = refused(run(FUSE, "--base-model", trained / "base-quantized", "--adapter-path", other / "adapters",

@@ -197,7 +197,7 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     """The guides' form: `--hf-model DIR --output PREFIX --quantization Q4_K_M[,Q8_0]` writes
     PREFIX-<TYPE>.gguf for each type, and PREFIX.manifest.json. DIR may also be an MLX model
     folder (`mlx_lm fuse`, 07), converted by 08 into a temporary folder first. The unquantized
-    file is kept only when asked for (--quantization F16)."""
+    file is kept only when asked for (--quantization F16, or --keep-unquantized true)."""
     import tempfile
 
     from ..paths import GivenPaths, require_folder
@@ -220,6 +220,8 @@ def convert_given(cfg, source: Path, prefix: Path) -> GGUFResult:
     types = list(dict.fromkeys(cfg.gguf.quantizations))
     # F16 / BF16 in the list: the converter's own file is kept (and is the quantizer's source)
     outtype = next((t for t in types if t in ("F16", "BF16")), cfg.gguf.outtype.upper())
+    if cfg.gguf.keep_unquantized == "true" and outtype not in types:  # asked for by name: kept too
+        types.insert(0, outtype)
     files = {t: prefix.parent / f"{prefix.name}-{t}.gguf" for t in dict.fromkeys([outtype, *types])}
     prefix.parent.mkdir(parents=True, exist_ok=True)
     manifest_name = f"{prefix.name}.manifest.json"
